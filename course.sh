@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Linux machine with Python 3.10+:
+#   bash course.sh main [flags]   run the whole course pipeline (offline: embedded set + stand-in models)
+#   bash course.sh test [pytest args]   run the test suite
+# Both create (or reuse) .venv and install the pinned requirements into it first.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=${CLIPCAP_VENV:-.venv}
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || { echo "clipcap-course needs Python 3.10 or newer (found $("$PY" --version))" >&2; exit 1; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+want=$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$want" ]; then
+  echo "installing pinned requirements into $VENV (a few minutes the first time)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  echo "$want" > "$VENV/.installed"
+fi
+# METEOR and the PTB tokenizer of pycocoevalcap need Java; install it where we may (best effort).
+if ! command -v java >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing Java for the METEOR metric"
+  (apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null) \
+    || echo "could not install Java: METEOR will be skipped (apt-get install default-jre-headless)" >&2
+fi
+
+cmd=${1:-main}
+shift || true
+case "$cmd" in
+  main) exec "$VENV/bin/python" -m utils course "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: bash course.sh main|test [args]" >&2; exit 2 ;;
+esac

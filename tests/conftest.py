@@ -1,0 +1,34 @@
+"""Shared fixtures: one data folder per test session, where the stand-in models are built once by the
+package's own code (as a user's first offline run builds them) and reused by every test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def models_dir(data_dir) -> Path:
+    return data_dir / "models"
+
+
+def run_cli(*args: str, data_dir: Path, timeout: float = 300, check: bool = True, **popen):
+    """Run `python -m utils ...` the way a user does, offline, with its data under `data_dir`."""
+    env = dict(os.environ, CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "utils", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python -m utils {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc

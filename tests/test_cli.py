@@ -1,0 +1,78 @@
+"""The command line and the configs it shares with the notebooks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from conftest import run_cli
+from utils import runtime
+from utils.config import DataConfig, FeatureConfig, RuntimeConfig, add_arguments, from_arguments
+
+
+def test_every_config_field_is_a_flag_and_defaults_stay_the_dataclass_defaults():
+    parser = argparse.ArgumentParser()
+    for cls in (RuntimeConfig, DataConfig, FeatureConfig):
+        add_arguments(parser, cls)
+    args = parser.parse_args(["--batch-size", "8", "--backbone", "RN50x4", "--no-fp16", "--offline",
+                              "--dataset", "csv", "--max-images", "5", "--val-fraction", "0.2"])
+    feats, data, rt = (from_arguments(c, args) for c in (FeatureConfig, DataConfig, RuntimeConfig))
+    assert feats == FeatureConfig(batch_size=8, backbone="RN50x4", fp16=False)
+    assert data == DataConfig(dataset="csv", max_images=5, val_fraction=0.2)
+    assert rt == RuntimeConfig(offline=True)
+    defaults = parser.parse_args([])
+    assert from_arguments(FeatureConfig, defaults) == FeatureConfig()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dataset", "imagenet"])
+
+
+@pytest.mark.parametrize("command", ["info", "download", "features", "course", "bench"])
+def test_each_command_explains_itself(command, data_dir):
+    out = run_cli(command, "--help", data_dir=data_dir).stdout
+    assert "--offline" in out and "--device" in out
+    if command in ("features", "course"):
+        assert "--batch-size" in out and "--backbone" in out and "--chunk-size" in out
+
+
+def test_offline_detection_order(monkeypatch):
+    monkeypatch.setenv("CLIPCAP_OFFLINE", "1")
+    assert runtime.is_offline(None) is True
+    assert runtime.is_offline(False) is False  # an explicit setting wins
+    monkeypatch.setenv("CLIPCAP_OFFLINE", "0")
+    assert runtime.is_offline(None) is False
+
+
+def test_platform_detection(monkeypatch):
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    assert runtime.detect_platform() == "kaggle"
+    monkeypatch.delenv("CLIPCAP_DATA", raising=False)
+    assert runtime.default_data_dir() == "/kaggle/working/data"
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE")
+    monkeypatch.setenv("CLIPCAP_DATA", "/somewhere")
+    assert runtime.default_data_dir() == "/somewhere"
+
+
+def test_gpu_check_passes_where_there_is_no_gpu():
+    runtime.check_gpu()  # no GPU: nothing to refuse
+    assert str(runtime.resolve_device("auto")) in ("cpu", "cuda")
+
+
+def test_course_main_job_runs_offline_end_to_end(tmp_path):
+    proc = run_cli("course", "--embedded-images", "90", "--num-workers", "0", data_dir=tmp_path)
+    assert "OFFLINE MODE" in proc.stderr
+    assert "270 captions of 90 images" in proc.stdout
+    assert "feature cache ready at" in proc.stdout
+    info = run_cli("info", data_dir=tmp_path).stdout
+    assert "embedded-standin-ViT: 90 images, 270 captions, standin:ViT (64-d) [stand-in]" in info
+    assert "standin-clip-vit.pt" in info and "torch:" in info and "gpu_check:" in info
+
+
+def test_bench_writes_a_results_table(tmp_path):
+    proc = run_cli("bench", "--images", "4", "--out", str(tmp_path), "--device", "cpu", data_dir=tmp_path)
+    result = json.loads((tmp_path / "features-cpu.json").read_text())
+    assert set(result["summary"]["images_per_s"]) == {"decode_resize_only", "ours_batched",
+                                                      "clipcap_one_image_fp32"}
+    assert "| ours_batched |" in (tmp_path / "features-cpu.md").read_text()
+    assert "speedup_vs_clipcap" in proc.stdout

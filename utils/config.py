@@ -1,0 +1,84 @@
+"""The settings every stage takes, as dataclasses holding the course's defaults.
+
+Notebooks set a few fields; the CLI turns each field into a flag of the same name
+(`batch_size` -> `--batch-size`), so a notebook and a command line can never mean different things.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from .runtime import default_data_dir
+
+DATASETS = ("embedded", "flickr30k", "food", "coco", "karpathy", "csv", "folder", "webdataset")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where the run happens and whether it may reach the model hubs."""
+
+    offline: bool | None = None  # None: CLIPCAP_OFFLINE, else probe the network; True: stand-in models
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Which captions and images to read. Splits are made by image, never by caption."""
+
+    dataset: str = "embedded"  # one of DATASETS
+    data_dir: str = field(default_factory=default_data_dir)  # downloads and caches live here
+    path: str | None = None  # captions file, image folder or shard glob; found for downloads
+    images_dir: str | None = None  # where the images named in `path` are (default: beside it)
+    image_column: str = "image"  # csv: column holding the image file name
+    caption_column: str = "caption"  # csv: column holding the caption
+    separator: str = ","  # csv: field separator
+    val_fraction: float = 0.05  # share of images (not captions) held out for validation
+    test_fraction: float = 0.05  # share of images held out for the test split
+    max_images: int | None = None  # keep only the first N images (quick runs)
+    embedded_images: int = 1200  # size of the generated offline dataset
+
+
+@dataclass
+class FeatureConfig:
+    """How CLIP image embeddings are computed and cached (once per dataset and backbone)."""
+
+    backbone: str = "ViT-B/32"  # any clip.available_models() name, or a local .pt archive
+    batch_size: int = 64  # images per forward pass
+    num_workers: int = 2  # DataLoader processes that decode and resize images
+    chunk_size: int = 1024  # images per cache chunk: the most work an interruption can lose
+    fp16: bool = True  # autocast to fp16 on a GPU (ignored on CPU)
+    cache_dir: str | None = None  # default: <data_dir>/features/<dataset>-<backbone>
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Give `parser` one `--flag` per field of the dataclass `cls`, defaulting to the field's default."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            choices = DATASETS if f.name == "dataset" else None
+            group.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices)
+
+
+def from_arguments(cls: type, args: argparse.Namespace, **overrides):
+    """Build `cls` from parsed flags: a flag left out keeps the dataclass default."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    given.update(overrides)
+    return cls(**given)
+
+
+def _base_type(hint) -> type:
+    """`int | None` -> int, so argparse can convert the flag's text."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint

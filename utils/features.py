@@ -1,0 +1,289 @@
+"""The CLIP feature cache: every image is encoded once, then training reads embeddings, not pixels.
+
+CLIP is frozen in ClipCap, so its image embeddings never change: computing them once turns each
+training epoch from "decode and encode 31k images" into "read a 31k x 512 array". The cache is built
+in chunks, each written atomically, so a dropped Kaggle/Colab session resumes where it stopped.
+
+Layout of a cache folder:
+    meta.json       backbone, width, resolution, dtype, counts, fingerprints, complete flag
+    features.npy    (N, clip_dim) float16, one row per readable image, not normalised
+    images.csv      feature_row, image_id, image_path, split
+    captions.csv    feature_row, image_id, caption, split (one row per caption)
+    skipped.csv     image_id, image_path, reason: images that could not be read
+    chunks/         work in progress (removed once features.npy is written)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import DataConfig, FeatureConfig, RuntimeConfig
+from .datasets import Captions, UnreadableImage, open_image
+from .files import atomic_path, read_json, write_json
+from .runtime import announce_offline, is_offline, resolve_device
+from .standins import clip_archive, clip_standin_name
+
+FORMAT_VERSION = 1
+# Settings that decide what the numbers in features.npy mean: a cache that differs in any is refused.
+_MUST_MATCH = ("format_version", "backbone", "clip_dim", "image_resolution", "dtype", "normalized",
+               "images_fingerprint", "chunk_size")
+
+
+class FeatureCacheError(RuntimeError):
+    """A cache that cannot be used as asked: made with other settings, or incomplete."""
+
+
+@dataclass
+class FeatureCache:
+    """A finished cache, read back: what training and evaluation take."""
+
+    path: Path
+    meta: dict
+    features: np.ndarray  # (N, clip_dim) float16, memory-mapped
+    images: pd.DataFrame
+    captions: pd.DataFrame
+    skipped: pd.DataFrame
+
+    def split(self, name: str) -> pd.DataFrame:
+        """The caption rows of one split ('train', 'val', 'test')."""
+        return self.captions[self.captions["split"] == name]
+
+
+def load_clip(backbone: str, device: torch.device, offline: bool, models_dir: str | Path):
+    """`clip.load` a real backbone by name, or offline the stand-in archive through the same call.
+
+    Returns (model, preprocess, backbone name as recorded in caches).
+    """
+    import clip
+
+    models_dir = Path(models_dir)
+    if offline:
+        announce_offline(f"CLIP '{backbone}' replaced by the tiny stand-in {clip_standin_name(backbone)}")
+        source, name = str(clip_archive(backbone, models_dir)), clip_standin_name(backbone)
+    else:
+        source, name = backbone, backbone
+    model, preprocess = clip.load(source, device=device, jit=False, download_root=str(models_dir / "clip"))
+    return model.eval(), preprocess, name
+
+
+class _ImageFiles(Dataset):
+    """Decodes and preprocesses one image; a bad one yields its reason instead of failing the batch."""
+
+    def __init__(self, paths: list[str], preprocess, resolution: int):
+        self.paths, self.preprocess, self.resolution = paths, preprocess, resolution
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:  # JPEGs decode at a reduced scale still twice the model's input: much faster, same crop
+            return i, self.preprocess(open_image(self.paths[i], draft=2 * self.resolution)), ""
+        except UnreadableImage as exc:
+            n = self.resolution
+            return i, torch.zeros(3, n, n), str(exc) or "unreadable"
+
+
+def encode_images(model, preprocess, paths: list[str], batches: list[list[int]], device: torch.device,
+                  num_workers: int = 2, fp16: bool = True):
+    """Yield (positions, features (n_ok, D) float16, bad [(position, reason)]) for each batch of positions.
+
+    Batches are given explicitly so a resumed run groups images exactly as an uninterrupted one.
+    """
+    loader = DataLoader(_ImageFiles(paths, preprocess, model.visual.input_resolution), batch_sampler=batches,
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    use_fp16 = fp16 and device.type == "cuda"
+    if device.type == "cuda" and not use_fp16:
+        model.float()
+    for positions, pixels, reasons in loader:
+        ok = [j for j, r in enumerate(reasons) if not r]
+        feats = np.zeros((0, model.visual.output_dim), np.float16)
+        if ok:
+            x = pixels[ok].to(device, non_blocking=True)  # (n_ok, 3, H, W)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=use_fp16):
+                feats = model.encode_image(x).float().cpu().numpy().astype(np.float16)  # (n_ok, D)
+        bad = [(int(positions[j]), reasons[j]) for j, r in enumerate(reasons) if r]
+        yield positions.numpy()[ok], feats, bad
+
+
+def default_cache_dir(data: DataConfig, backbone_name: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", backbone_name).strip("-")
+    return Path(data.data_dir) / "features" / f"{data.dataset}-{slug}"
+
+
+def cache_features(captions: Captions, cfg: FeatureConfig, data: DataConfig,
+                   runtime: RuntimeConfig | None = None) -> Path:
+    """Encode every image of `captions` once into a resumable cache; returns the cache folder."""
+    runtime = runtime or RuntimeConfig()
+    device = resolve_device(runtime.device)
+    offline = is_offline(runtime.offline)
+    model, preprocess, backbone = load_clip(cfg.backbone, device, offline, Path(data.data_dir) / "models")
+    out = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(data, backbone)
+
+    images = captions.images()  # [(image_id, image_path, split)]
+    paths = [p for _, p, _ in images]
+    meta = {
+        "format_version": FORMAT_VERSION, "backbone": backbone, "standin": offline,
+        "clip_dim": int(model.visual.output_dim), "image_resolution": int(model.visual.input_resolution),
+        "dtype": "float16", "normalized": False, "chunk_size": cfg.chunk_size,
+        "images_fingerprint": _fingerprint(f"{i}\t{p}" for i, p, _ in images),
+        "dataset": data.dataset, "source": captions.source, "course_version": __version__,
+        "num_images_listed": len(images), "complete": False,
+    }
+    if not _check_compatible(out, meta):
+        write_json(out / "meta.json", meta)
+
+    chunks_dir = out / "chunks"
+    n_chunks = -(-len(images) // cfg.chunk_size)
+    todo = [k for k in range(n_chunks) if not (chunks_dir / f"{k:05d}.npz").is_file()]
+    if not (out / "features.npy").is_file() and todo:
+        _fill_chunks(model, preprocess, paths, todo, cfg, device, chunks_dir, done=n_chunks - len(todo))
+    if not (out / "features.npy").is_file():
+        _finalize(out, images, n_chunks)
+    _write_captions_index(out, captions)
+    return out
+
+
+def _fill_chunks(model, preprocess, paths, todo, cfg, device, chunks_dir, done):
+    chunk_rows = {k: range(k * cfg.chunk_size, min((k + 1) * cfg.chunk_size, len(paths))) for k in todo}
+    batches = [list(rows[i:i + cfg.batch_size]) for rows in chunk_rows.values()
+               for i in range(0, len(rows), cfg.batch_size)]
+    total = sum(len(r) for r in chunk_rows.values())
+    if done:
+        print(f"resuming: {done} chunk(s) already cached, {total} image(s) to go")
+    pending = {k: ([], [], []) for k in todo}  # chunk -> (positions, features, bad)
+    skipped, start = 0, time.perf_counter()
+    with tqdm(total=total, unit="img", desc="CLIP features") as bar:
+        for positions, feats, bad in encode_images(model, preprocess, paths, batches, device,
+                                                   cfg.num_workers, cfg.fp16):
+            first = positions[0] if len(positions) else bad[0][0]
+            k = first // cfg.chunk_size
+            rows, parts, bads = pending[k]
+            rows.extend(positions.tolist())
+            parts.append(feats)
+            bads.extend(bad)
+            skipped += len(bad)
+            bar.update(len(positions) + len(bad))
+            bar.set_postfix(skipped=skipped, refresh=False)
+            if len(rows) + len(bads) == len(chunk_rows[k]):
+                _save_chunk(chunks_dir / f"{k:05d}.npz", rows, np.concatenate(parts), bads)
+                del pending[k]
+    rate = total / max(time.perf_counter() - start, 1e-9)
+    print(f"encoded {total - skipped} image(s) at {rate:.1f} img/s; {skipped} unreadable")
+
+
+def _save_chunk(path: Path, rows, feats, bad) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, rows=np.asarray(rows, np.int64), features=feats,
+                     bad_rows=np.asarray([r for r, _ in bad], np.int64),
+                     bad_reasons=np.asarray([why for _, why in bad], dtype=str))
+
+
+def _finalize(out: Path, images, n_chunks: int) -> None:
+    """Join the chunks into features.npy + images.csv + skipped.csv, then drop the chunks."""
+    rows, feats, bad = [], [], []
+    for k in range(n_chunks):
+        with np.load(out / "chunks" / f"{k:05d}.npz", allow_pickle=False) as z:
+            rows.append(z["rows"])
+            feats.append(z["features"])
+            bad.extend(zip(z["bad_rows"].tolist(), z["bad_reasons"].tolist()))
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    feats = np.concatenate(feats) if feats else np.zeros((0, 0), np.float16)
+    order = np.argsort(rows, kind="stable")
+    rows, feats = rows[order], feats[order]
+    index = pd.DataFrame([images[r] for r in rows], columns=["image_id", "image_path", "split"])
+    index.insert(0, "feature_row", np.arange(len(index)))
+    skipped = pd.DataFrame([(images[r][0], images[r][1], why) for r, why in sorted(bad)],
+                           columns=["image_id", "image_path", "reason"])
+    _write_csv(out / "images.csv", index)
+    _write_csv(out / "skipped.csv", skipped)
+    with atomic_path(out / "features.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, feats)
+    meta = read_json(out / "meta.json")
+    meta.update(complete=True, num_images=len(index), num_skipped=len(skipped))
+    write_json(out / "meta.json", meta)
+    for k in range(n_chunks):
+        (out / "chunks" / f"{k:05d}.npz").unlink()
+    (out / "chunks").rmdir()
+
+
+def _write_captions_index(out: Path, captions: Captions) -> None:
+    """Captions can be edited without touching images: their index is rewritten on every run."""
+    index = pd.read_csv(out / "images.csv", dtype={"image_id": str})
+    rows = dict(zip(index["image_id"], index["feature_row"]))
+    frame = captions.to_frame()
+    frame = frame[frame["image_id"].isin(rows)]
+    frame.insert(0, "feature_row", frame["image_id"].map(rows).astype(np.int64))
+    _write_csv(out / "captions.csv", frame[["feature_row", "image_id", "caption", "split"]])
+    meta = read_json(out / "meta.json")
+    meta.update(num_captions=len(frame), captions_fingerprint=_fingerprint(
+        f"{i}\t{c}" for i, c in zip(frame["image_id"], frame["caption"])))
+    write_json(out / "meta.json", meta)
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def _fingerprint(lines) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()[:16]
+
+
+def _check_compatible(out: Path, want: dict) -> bool:
+    """True when a cache made with the same settings is already there; raises when one with others is."""
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        return False
+    have = read_json(meta_path)
+    diffs = [f"{k}: cache has {have.get(k)!r}, you asked for {want[k]!r}"
+             for k in _MUST_MATCH if have.get(k) != want[k]]
+    if diffs:
+        raise FeatureCacheError(
+            f"The feature cache at {out} was made with other settings:\n  " + "\n  ".join(diffs) +
+            f"\nIts features cannot be mixed with these. Choose another folder with --cache-dir, "
+            f"or delete {out} to rebuild it.")
+    return True
+
+
+def load_cache(path: str | Path, backbone: str | None = None) -> FeatureCache:
+    """Read a finished cache; refuses an incomplete one or one made with another backbone."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise FeatureCacheError(f"No feature cache at {path}: run `python -m utils features` "
+                                "(or notebook 02) first.")
+    meta = read_json(path / "meta.json")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FeatureCacheError(f"{path} is a version {meta.get('format_version')} cache; this course reads "
+                                f"version {FORMAT_VERSION}. Delete it and run `python -m utils features`.")
+    if not meta.get("complete") or not (path / "features.npy").is_file():
+        raise FeatureCacheError(f"The feature cache at {path} is incomplete (interrupted?): rerun "
+                                "`python -m utils features` with the same settings to finish it.")
+    if backbone is not None and meta["backbone"] != backbone:
+        raise FeatureCacheError(f"The feature cache at {path} holds {meta['backbone']} features, not "
+                                f"{backbone}: use a cache made with {backbone}, or train with --backbone "
+                                f"{meta['backbone']}.")
+    features = np.load(path / "features.npy", mmap_mode="r", allow_pickle=False)
+    images = pd.read_csv(path / "images.csv", dtype={"image_id": str})
+    if len(images) != len(features):
+        raise FeatureCacheError(f"{path}: images.csv lists {len(images)} images but features.npy has "
+                                f"{len(features)} rows. Delete the folder and rebuild it.")
+    return FeatureCache(path, meta, features, images,
+                        pd.read_csv(path / "captions.csv", dtype={"image_id": str}, keep_default_na=False),
+                        pd.read_csv(path / "skipped.csv", dtype={"image_id": str}))

@@ -1,0 +1,42 @@
+"""Atomic file writes: anything that took long to make appears whole under its name, or not at all.
+
+A Kaggle or Colab session can be cut at any moment; writing to a temporary name in the same folder
+and renaming it into place means a reader never sees half a cache chunk or half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike):
+    """Yield a temporary path beside `dest`; on success it is fsynced and renamed onto `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(dest: str | os.PathLike, text: str) -> Path:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(dest)
+
+
+def write_json(dest: str | os.PathLike, obj) -> Path:
+    return write_text(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text(encoding="utf-8"))

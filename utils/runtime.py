@@ -1,0 +1,162 @@
+"""Where are we running (Kaggle, Colab, local), can this torch use the GPU, and is the network there?
+
+Everything heavy calls `check_gpu()` first, so an unsupported GPU (a CUDA 13 build of torch on a
+Kaggle P100) gets one clear message with what to do instead of a CUDA crash an hour later.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import socket
+import sys
+from pathlib import Path
+
+# Hosts the real models come from: CLIP weights (openaipublic) and GPT-2 (Hugging Face).
+HUB_HOSTS = (("openaipublic.azureedge.net", 443), ("huggingface.co", 443))
+
+
+class GPUUnsupported(RuntimeError):
+    """This torch build cannot run kernels on the GPU that is present."""
+
+
+def detect_platform() -> str:
+    """'kaggle', 'colab' or 'local'."""
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        return "kaggle"
+    if Path("/content").is_dir() and ("COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules
+                                      or Path("/content/sample_data").is_dir()):
+        return "colab"
+    return "local"
+
+
+def default_data_dir() -> str:
+    """CLIPCAP_DATA, else Kaggle's writable /kaggle/working, else `data/` of the checkout we run from."""
+    if os.environ.get("CLIPCAP_DATA"):
+        return os.environ["CLIPCAP_DATA"]
+    if detect_platform() == "kaggle":
+        return "/kaggle/working/data"
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        return str(checkout / "data")
+    return str(Path.cwd() / "data")
+
+
+@functools.lru_cache(maxsize=None)
+def _hubs_reachable(timeout: float = 2.0) -> bool:
+    for host, port in HUB_HOSTS:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def is_offline(offline: bool | None = None) -> bool:
+    """Explicit setting first, then CLIPCAP_OFFLINE=1/0, then whether a model hub answers."""
+    if offline is not None:
+        return offline
+    env = os.environ.get("CLIPCAP_OFFLINE", "").strip().lower()
+    if env in ("1", "true", "yes"):
+        return True
+    if env in ("0", "false", "no"):
+        return False
+    return not _hubs_reachable()
+
+
+def announce_offline(what: str) -> None:
+    """Say loudly that stand-ins are in use, so nobody mistakes their output for a trained model."""
+    if announce_offline.said:
+        print(f"!! OFFLINE MODE: {what}", file=sys.stderr, flush=True)
+        return
+    announce_offline.said = True
+    bar = "!" * 78
+    print(f"{bar}\n!! OFFLINE MODE: {what}\n!! Stand-in models are tiny, with random weights: their captions"
+          f" and scores\n!! teach the mechanics only. With network, run without --offline.\n{bar}",
+          file=sys.stderr, flush=True)
+
+
+announce_offline.said = False
+
+
+def resolve_device(device: str = "auto"):
+    """'auto' -> cuda when torch can really use it, else cpu; checks the GPU before returning it."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        check_gpu(torch.device(device))
+    return torch.device(device)
+
+
+def check_gpu(device=None) -> None:
+    """Raise GPUUnsupported, with the fix, when this torch build has no kernels for the GPU present."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    index = torch.device(device or "cuda").index or 0
+    name = torch.cuda.get_device_name(index)
+    major, minor = torch.cuda.get_device_capability(index)
+    built = torch.cuda.get_arch_list()  # e.g. ['sm_75', 'sm_80', ..., 'compute_120']
+    sms = {int(a.split("_")[1]) for a in built if a.startswith("sm_")}
+    ptx = {int(a.split("_")[1]) for a in built if a.startswith("compute_")}
+    cap = major * 10 + minor
+    if cap in sms or any(p <= cap for p in ptx) or not built:
+        return
+    raise GPUUnsupported(
+        f"This torch {torch.__version__} (CUDA {torch.version.cuda}) has no kernels for your GPU {name} "
+        f"(compute capability {major}.{minor}; this build supports {', '.join(sorted(built))}).\n"
+        "What to do:\n"
+        "  - On Kaggle: Settings -> Accelerator -> 'GPU T4 x2' (compute capability 7.5), or\n"
+        "  - keep the P100 and install a CUDA 12.6 build in the first cell, then restart the kernel:\n"
+        "      pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126\n"
+        "  - or run on the CPU with --device cpu (slow).")
+
+
+def supports_bf16(device) -> bool:
+    import torch
+
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def environment_report(device: str = "auto") -> dict:
+    """The versions and the device that matter when asking for help (the first cell prints these)."""
+    import torch
+    import transformers
+
+    from . import __version__
+
+    try:
+        import clip  # noqa: F401  (openai-clip)
+        from importlib.metadata import version
+        clip_version = version("openai-clip")
+    except Exception as exc:  # the first notebook cell installs it; say why it is missing
+        clip_version = f"not importable ({type(exc).__name__}: {exc})"
+    report = {
+        "platform": detect_platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "openai-clip": clip_version,
+        "clipcap-course": __version__,
+        "offline": is_offline(None),
+        "data_dir": default_data_dir(),
+    }
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        major, minor = torch.cuda.get_device_capability()
+        report.update(device=f"cuda: {torch.cuda.get_device_name()}", compute_capability=f"{major}.{minor}",
+                      gpu_memory_free_gib=round(free / 2**30, 1), gpu_memory_total_gib=round(total / 2**30, 1))
+        try:
+            check_gpu()
+            report["gpu_check"] = "ok"
+        except GPUUnsupported as exc:
+            report["gpu_check"] = str(exc)
+    else:
+        report.update(device=f"cpu ({os.cpu_count()} cores)", gpu_check="no GPU visible to torch")
+    return report
