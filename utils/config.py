@@ -54,6 +54,52 @@ class FeatureConfig:
     cache_dir: str | None = None  # default: <data_dir>/features/<dataset>-<backbone>
 
 
+@dataclass
+class ModelConfig:
+    """The captioner's shape. Saved inside every checkpoint and bundle and read back on loading, so
+    training and inference can never disagree on CLIP width, prefix length or normalisation."""
+
+    mapper: str = "transformer"  # transformer | mlp
+    lm: str = "gpt2"  # gpt2 | distilgpt2 | gpt2-medium | any causal LM name or folder
+    backbone: str = "ViT-B/32"  # the CLIP the features came from (taken from the feature cache)
+    clip_dim: int = 512  # width of the CLIP embedding (taken from the feature cache)
+    prefix_length: int = 10  # prefix vectors handed to the LM: the soft prompt's length
+    clip_length: int = 10  # transformer mapper: tokens the CLIP embedding is projected to
+    num_layers: int = 6  # transformer mapper: encoder layers
+    num_heads: int = 8  # transformer mapper: attention heads (must divide the LM's width)
+    mlp_ratio: float = 2.0  # transformer mapper: MLP width / model width
+    dropout: float = 0.0  # dropout inside the mapper
+    normalize_prefix: bool = False  # L2-normalise the CLIP embedding before the mapper (train and infer)
+    feature_noise: float = 0.0  # std of Gaussian noise added to CLIP embeddings while training
+    freeze: str = "partial"  # frozen: only the mapper learns | full: all of the LM too | partial: blocks below
+    train_first_blocks: int = 0  # partial: how many of the LM's first blocks learn
+    train_last_blocks: int = 2  # partial: how many of the LM's last blocks learn (with its final norm)
+    max_caption_tokens: int = 40  # captions are cut to this many tokens (EOS included)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: AdamW under linear warm-up, then decay, as ClipCap trains."""
+
+    epochs: int = 10
+    batch_size: int = 40  # captions per optimiser step (before accumulation)
+    grad_accum: int = 1  # batches whose gradients are summed per optimiser step
+    lr: float = 2e-5  # peak learning rate, reached after warmup_steps
+    min_lr: float = 0.0  # learning rate at the end of the decay
+    warmup_steps: int = 5000  # optimiser steps of linear warm-up from 0 to lr
+    decay: str = "linear"  # linear | cosine | constant (after the warm-up)
+    weight_decay: float = 0.01  # AdamW weight decay, on matrices only
+    grad_clip: float = 1.0  # clip the gradient norm to this (0: off)
+    precision: str = "auto"  # auto (bf16 where supported, else fp16 on a GPU; fp32 on CPU) | fp32 | fp16 | bf16
+    max_steps: int | None = None  # stop after this many optimiser steps (quick runs)
+    eval_every: int = 0  # validation every N steps; 0: at the end of each epoch
+    checkpoint_every: int = 1000  # write a resumable checkpoint every N steps (and at each epoch end)
+    log_every: int = 10  # steps between history rows
+    out_dir: str | None = None  # default: <data_dir>/runs/<dataset>-<mapper>
+    resume: bool = False  # continue from out_dir/checkpoint.pt
+    num_workers: int = 0  # batches are gathered from an in-memory cache: no workers needed
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Give `parser` one `--flag` per field of the dataclass `cls`, defaulting to the field's default."""
     hints = typing.get_type_hints(cls)
