@@ -32,3 +32,15 @@ def run_cli(*args: str, data_dir: Path, timeout: float = 300, check: bool = True
         raise AssertionError(f"python -m utils {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def small_cache(data_dir) -> Path:
+    """A feature cache of 240 embedded images, made by the real feature code with the stand-in CLIP."""
+    from utils.config import DataConfig, FeatureConfig, RuntimeConfig
+    from utils.datasets import load_records
+    from utils.features import cache_features
+
+    data = DataConfig(dataset="embedded", data_dir=str(data_dir), max_images=240, val_fraction=0.1)
+    return cache_features(load_records(data), FeatureConfig(num_workers=0, cache_dir=str(data_dir / "small-cache")),
+                          data, RuntimeConfig(offline=True, device="cpu"))

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import DataConfig, FeatureConfig, RuntimeConfig, add_arguments, from_arguments
+from .config import (DataConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig, add_arguments,
+                     from_arguments, standin_preset)
 
 
 def _runtime(args) -> RuntimeConfig:
@@ -85,6 +86,27 @@ def cmd_features(args, captions=None) -> Path:
     return out
 
 
+def cmd_train(args):
+    """Train on a feature cache; offline, the stand-in preset is the base the flags change."""
+    from .features import default_cache_dir
+    from .runtime import is_offline
+    from .standins import clip_standin_name
+    from .training import train
+
+    data, runtime = from_arguments(DataConfig, args), _runtime(args)
+    offline = is_offline(runtime.offline)
+    model_base, train_base = standin_preset() if offline else (ModelConfig(), TrainConfig())
+    model_cfg = from_arguments(ModelConfig, args, model_base)
+    train_cfg = from_arguments(TrainConfig, args, train_base)
+    backbone = clip_standin_name(model_cfg.backbone) if offline else model_cfg.backbone
+    cache = args.features or default_cache_dir(data, backbone)
+    result = train(cache, model_cfg, train_cfg, runtime, data.data_dir)
+    val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a (no validation split)"
+    print(f"trained {result.steps} steps; best validation loss {val}\n"
+          f"captioner bundle: {result.bundle}\nhistory: {result.out_dir / 'history.json'}")
+    return result
+
+
 def cmd_course(args) -> None:
     """The main job: every stage of the course in order, on the chosen dataset."""
     from .runtime import announce_offline, is_offline
@@ -93,10 +115,13 @@ def cmd_course(args) -> None:
         args.offline = True
         args.dataset = args.dataset or "embedded"
         announce_offline(f"running the course on the '{args.dataset}' dataset with stand-in models")
-    print("== 1/2 download ==")
+    print("== 1/3 download ==")
     captions = cmd_download(args) if args.dataset in (None, "embedded", "flickr30k", "food") else None
-    print("== 2/2 CLIP features ==")
-    cmd_features(args, captions)
+    print("== 2/3 CLIP features ==")
+    args.features = str(cmd_features(args, captions))
+    print("== 3/3 train the mapper ==")
+    args.batch_size = args.num_workers = None  # those flags were the feature stage's
+    cmd_train(args)
 
 
 def cmd_bench(args) -> None:
@@ -113,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, func, help, configs=()):
         p = sub.add_parser(name, help=help, description=help)
         add_arguments(p, RuntimeConfig)
-        for cls in configs:
-            add_arguments(p, cls)
+        for cls in configs:  # the CLIP width is read from the feature cache, never given
+            add_arguments(p, cls, skip=("clip_dim",))
         p.set_defaults(func=func)
         return p
 
@@ -122,8 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--data-dir", default=None)
     command("download", cmd_download, "fetch a dataset (Kaggle / attached input / embedded)", [DataConfig])
     command("features", cmd_features, "cache CLIP image features (resumable)", [DataConfig, FeatureConfig])
-    command("course", cmd_course, "the main job: run the course's stages end to end",
-            [DataConfig, FeatureConfig])
+    train = command("train", cmd_train, "train the mapper (and chosen LM blocks) on cached features",
+                    [DataConfig, ModelConfig, TrainConfig])
+    train.add_argument("--features", default=None, help="feature cache folder (default: from dataset + backbone)")
+    course = command("course", cmd_course, "the main job: run the course's stages end to end",
+                     [DataConfig, FeatureConfig])
+    add_arguments(course, ModelConfig, only=("mapper", "lm"))
+    add_arguments(course, TrainConfig, only=("epochs", "max_steps", "lr"))
     bench = command("bench", cmd_bench, "measure feature extraction against the one-image-at-a-time way")
     bench.add_argument("--images", type=int, default=64, help="images per measurement")
     bench.add_argument("--out", default="bench/results", help="folder for the results table")
@@ -135,11 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     from .download import DownloadError
     from .features import FeatureCacheError
     from .runtime import GPUUnsupported
+    from .training import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DatasetError, DownloadError, FeatureCacheError, GPUUnsupported) as exc:
+    except (DatasetError, DownloadError, FeatureCacheError, GPUUnsupported, TrainingError) as exc:
         sys.exit(f"error: {exc}")
 
 

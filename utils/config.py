@@ -100,12 +100,23 @@ class TrainConfig:
     num_workers: int = 0  # batches are gathered from an in-memory cache: no workers needed
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Give `parser` one `--flag` per field of the dataclass `cls`, defaulting to the field's default."""
+def standin_preset() -> tuple[ModelConfig, TrainConfig]:
+    """Settings that train the tiny offline stand-ins on the embedded set in a few CPU minutes.
+
+    The stand-in GPT-2 starts from random weights, so unlike the real one it must learn language as
+    well as images: all of it trains, at a learning rate fit for a model that small.
+    """
+    return (ModelConfig(freeze="full", num_heads=4),
+            TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_steps=100, checkpoint_every=200, log_every=5))
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                  only: tuple[str, ...] | None = None) -> None:
+    """Give `parser` one `--flag` per field of the dataclass `cls` (or of `only` those fields)."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
@@ -116,12 +127,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             group.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices)
 
 
-def from_arguments(cls: type, args: argparse.Namespace, **overrides):
-    """Build `cls` from parsed flags: a flag left out keeps the dataclass default."""
+def from_arguments(cls: type, args: argparse.Namespace, base=None):
+    """Build `cls` from parsed flags: a flag left out keeps the value of `base` (default: the defaults)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
              if getattr(args, f.name, None) is not None}
-    given.update(overrides)
-    return cls(**given)
+    return dataclasses.replace(base if base is not None else cls(), **given)
 
 
 def _base_type(hint) -> type:

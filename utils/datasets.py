@@ -827,3 +827,25 @@ def make_embedded(dest: str | Path, n_images: int = 1200, seed: int = 0) -> Path
     write_text(dest / "captions.csv", rows.getvalue())
     write_json(meta_path, meta)
     return dest
+
+
+def embedded_attributes(caption: str) -> dict[str, str | None]:
+    """Read back which shape, colour, position, size and background a caption of the embedded set states.
+
+    The course uses it to score captions of the embedded set by meaning rather than wording: any of the
+    templates and synonyms counts, a missing or wrong attribute does not.
+    """
+    text = " " + " ".join(re.sub(r"([,.;:!?])", r" \1 ", caption.lower()).split()) + " "
+    phrases = {
+        "shape": {v: (v,) for v in EMBEDDED_ATTRIBUTES["shape"]},
+        "colour": {v: (v,) for v in EMBEDDED_ATTRIBUTES["colour"]},
+        "size": _SIZE_WORDS,
+        "position": _WHERE_WORDS,
+        "background": {k: tuple(p.split(" ", 1)[1] for p in v) for k, v in _BACKGROUND_WORDS.items()},
+    }
+    found: dict[str, str | None] = {}
+    for attribute, options in phrases.items():
+        # longest phrase first: "right in the middle" is the centre, not the right
+        candidates = sorted(((p, value) for value, ps in options.items() for p in ps), key=lambda x: -len(x[0]))
+        found[attribute] = next((value for p, value in candidates if f" {p} " in text), None)
+    return found

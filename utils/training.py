@@ -164,7 +164,7 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
 
     def save(name: str = "checkpoint.pt") -> None:
         if accelerator.is_main_process:
-            _save_checkpoint(out / name, captioner, optimizer, accelerator, state, model_cfg, cfg, cache)
+            _save_checkpoint(out / name, captioner, optimizer, accelerator, state, cfg, cache)
             _save_history(out, state["history"])
 
     def validate() -> None:
@@ -177,7 +177,7 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
             save("best.pt")
 
     model.train()
-    bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="training",
+    bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="training", mininterval=2,
                disable=not accelerator.is_main_process)
     while state["step"] < total_steps:
         order = epoch_order(len(train_split), runtime.seed, state["epoch"])
@@ -259,12 +259,12 @@ def _config_record(model_cfg: ModelConfig, cfg: TrainConfig, cache: FeatureCache
             | {"captions_fingerprint": cache.meta.get("captions_fingerprint")}}
 
 
-def _save_checkpoint(path: Path, captioner: Captioner, optimizer, accelerator, state: dict,
-                     model_cfg: ModelConfig, cfg: TrainConfig, cache: FeatureCache) -> None:
+def _save_checkpoint(path: Path, captioner: Captioner, optimizer, accelerator, state: dict, cfg: TrainConfig,
+                     cache: FeatureCache) -> None:
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
     checkpoint = {
         "version": CHECKPOINT_VERSION,
-        "config": _config_record(model_cfg, cfg, cache),
+        "config": _config_record(captioner.config, cfg, cache),
         "trainable": captioner.trainable_state(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler,
