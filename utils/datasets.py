@@ -690,7 +690,11 @@ def open_image(path: str | os.PathLike, draft: int | None = None) -> Image.Image
     `draft` (for JPEG) decodes at a reduced scale no smaller than draft x draft: a 10000x10000 photo
     then costs milliseconds instead of a second. `path` may be "<shard.tar>::<member>".
     """
-    data = _read_bytes(os.fspath(path))
+    return decode_image(_read_bytes(os.fspath(path)), draft)
+
+
+def decode_image(data: bytes, draft: int | None = None) -> Image.Image:
+    """`open_image` for bytes already in memory (an upload in a widget or the web demo)."""
     if not data:
         raise UnreadableImage("zero bytes")
     fmt = next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
