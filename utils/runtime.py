@@ -160,3 +160,50 @@ def environment_report(device: str = "auto") -> dict:
     else:
         report.update(device=f"cpu ({os.cpu_count()} cores)", gpu_check="no GPU visible to torch")
     return report
+
+
+def _free_ram_gib() -> float | None:
+    """Memory free for new work (Linux: MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return round(int(info["MemAvailable"].split()[0]) / 2**20, 1)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def notebook_setup(device: str = "auto") -> dict:
+    """The first cell of every notebook: where we run, the versions that matter, the device and the GPU check.
+
+    Prints one line per item and returns the same facts as a dict. A GPU this torch cannot use is shown as
+    a boxed message with what to do, never as a traceback.
+    """
+    report = environment_report(device)
+    where = {"kaggle": "Kaggle (inputs read-only under /kaggle/input, outputs in /kaggle/working, which is this "
+                       "notebook's own: see README, 'The course', to carry data to the next notebook)",
+             "colab": "Colab (files under /content vanish with the session and are not seen by the next notebook: "
+                      "set CLIPCAP_DATA to a Drive folder, see README, 'The course')",
+             "local": "local machine"}[report["platform"]]
+    memory = (f"{report['gpu_memory_free_gib']} of {report['gpu_memory_total_gib']} GiB GPU memory free, compute "
+              f"capability {report['compute_capability']}" if "gpu_memory_free_gib" in report
+              else f"{_free_ram_gib()} GiB RAM free")
+    lines = [("platform", where), ("python", report["python"]),
+             ("torch", f"{report['torch']} (CUDA {report['torch_cuda'] or 'none: a CPU build'})"),
+             ("transformers", report["transformers"]), ("openai-clip", report["openai-clip"]),
+             ("clipcap-course", report["clipcap-course"]), ("device", f"{report['device']}, {memory}"),
+             ("models", "OFFLINE: tiny stand-in CLIP and GPT-2 (mechanics only, not real captions)"
+              if report["offline"] else "real CLIP and GPT-2 from their hubs"),
+             ("data", report["data_dir"])]
+    for name, value in lines:
+        print(f"{name:>14}: {value}")
+    check = report["gpu_check"]
+    if check not in ("ok", "no GPU visible to torch"):  # the message of GPUUnsupported, with the fix
+        bar = "=" * 78
+        print(f"\n{bar}\nGPU NOT USABLE by this torch. Fix it as below, or set device = \"cpu\" in the parameters "
+              f"cell to go on (slowly) on the CPU.\n{check}\n{bar}")
+    elif check != "ok":
+        print(f"{'gpu check':>14}: {check}" + ("; on Kaggle/Colab turn on a GPU (T4) in the notebook's settings"
+                                               if report["platform"] != "local" else ""))
+    else:
+        print(f"{'gpu check':>14}: ok")
+    return report

@@ -219,10 +219,10 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
             if state["step"] % cfg.checkpoint_every == 0:
                 save()
         if state["step_in_epoch"] >= steps_per_epoch:
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
             if not cfg.eval_every:
                 validate()
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
             save()
     bar.close()
     if not state["history"]["val"] or state["history"]["val"][-1]["step"] != state["step"]:

@@ -1,0 +1,166 @@
+"""The course's notebooks: stored clean and alike where the course promises, and run in order, offline, with
+papermill, writing their data and figures into a temporary folder (never the checkout's data/ or figures/)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# Small sizes: the whole course runs in a few minutes on 2 CPU cores.
+PARAMETERS = dict(offline=True, embedded_images=240, max_steps=40, table_images=4, explorer_images=4)
+FIGURES = {
+    "01_setup_and_data": ["01_samples.png"],
+    "02_clip_features": ["02_feature_map.png"],
+    "03_train_the_mapper": ["03_trainable_parameters.png", "03_lr_schedule.png", "03_training_curves.png"],
+    "04_caption_and_evaluate": ["04_test_captions.png"],
+    "05_decoding_explorer": ["05_temperatures.png"],
+}
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _code_cells(notebook: dict) -> list[dict]:
+    return [c for c in notebook["cells"] if c["cell_type"] == "code"]
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def test_the_course_has_its_notebooks_in_run_order():
+    assert [p.stem for p in NOTEBOOKS] == list(FIGURES)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stored_without_outputs(path):
+    for i, cell in enumerate(_code_cells(_read(path))):
+        assert not cell.get("outputs"), f"{path.name}: code cell {i} is stored with outputs: clear them"
+        assert cell.get("execution_count") is None, f"{path.name}: code cell {i} has an execution count"
+
+
+def test_first_cell_is_the_same_everywhere_and_second_is_the_parameters():
+    first = {path.name: _source(_code_cells(_read(path))[0]) for path in NOTEBOOKS}
+    assert len(set(first.values())) == 1, f"the first code cell differs between notebooks: {sorted(first)}"
+    setup = next(iter(first.values()))
+    assert "utils.runtime.notebook_setup()" in setup and "@v0" in setup, "one pinned install line, one setup call"
+    for path in NOTEBOOKS:
+        second = _code_cells(_read(path))[1]
+        assert "parameters" in second.get("metadata", {}).get("tags", []), f"{path.name}: cell 2 is not tagged"
+        assert "offline" in _source(second) and "dataset" in _source(second)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_reads_as_the_course_style_asks(path):
+    markdown = ["".join(c["source"]) for c in _read(path)["cells"] if c["cell_type"] == "markdown"]
+    text = "\n".join(markdown)
+    number = int(path.name[:2])
+    assert markdown[0].startswith("# ") and "You will learn" in markdown[0] and "Where we are" in markdown[0]
+    assert f"## {number}.1 " in text, "numbered sections"
+    assert "## Summary" in text and "## Exercises" in text
+
+
+def test_notebook_setup_shows_an_unusable_gpu_as_a_message(monkeypatch, capsys):
+    import utils.runtime
+
+    report = utils.runtime.environment_report()
+    report.update(device="cuda: Tesla P100-PCIE-16GB", compute_capability="6.0", gpu_memory_free_gib=15.9,
+                  gpu_memory_total_gib=16.0, gpu_check="This torch has no kernels for your GPU Tesla P100 ... "
+                  "Settings -> Accelerator -> 'GPU T4 x2'")
+    monkeypatch.setattr(utils.runtime, "environment_report", lambda device="auto": report)
+    assert utils.runtime.notebook_setup() is report
+    out = capsys.readouterr().out
+    assert "GPU NOT USABLE" in out and "GPU T4 x2" in out and "15.9 of 16.0 GiB GPU memory free" in out
+
+
+@pytest.fixture(scope="module")
+def course_run(tmp_path_factory):
+    """Every notebook, in order, as papermill runs them; data and figures go to a temporary folder."""
+    import papermill
+
+    tmp = tmp_path_factory.mktemp("course")
+    mp = pytest.MonkeyPatch()  # the kernels inherit this environment
+    mp.setenv("CLIPCAP_DATA", str(tmp / "data"))
+    mp.setenv("CLIPCAP_FIGURES", str(tmp / "figures"))
+    mp.setenv("CLIPCAP_OFFLINE", "1")
+    before = {d: sorted(p.name for p in (ROOT / d).iterdir()) for d in ("data", "figures") if (ROOT / d).is_dir()}
+    executed, seconds = {}, {}
+    try:
+        for path in NOTEBOOKS:
+            declared = papermill.inspect_notebook(str(path))
+            start = time.perf_counter()
+            papermill.execute_notebook(str(path), str(tmp / path.name), kernel_name="python3", cwd=str(path.parent),
+                                       parameters={k: v for k, v in PARAMETERS.items() if k in declared},
+                                       progress_bar=False)
+            seconds[path.stem] = time.perf_counter() - start
+            executed[path.stem] = _read(tmp / path.name)
+    finally:
+        mp.undo()
+    after = {d: sorted(p.name for p in (ROOT / d).iterdir()) for d in before}
+    print("notebook run times:", {k: f"{v:.0f} s" for k, v in seconds.items()}, f"total {sum(seconds.values()):.0f} s")
+    return tmp, executed, before, after
+
+
+def _outputs(notebook: dict, kind: str) -> str:
+    """All text of one kind of output ("stdout", "text/html", "text/plain", "image/png") of a run notebook."""
+    texts = []
+    for cell in _code_cells(notebook):
+        for out in cell.get("outputs", []):
+            if out["output_type"] == "stream" and out["name"] == kind:
+                texts.append("".join(out["text"]))
+            elif kind in out.get("data", {}):
+                value = out["data"][kind]
+                texts.append("".join(value) if isinstance(value, list) else value if isinstance(value, str)
+                             else json.dumps(value))
+    return "\n".join(texts)
+
+
+@pytest.mark.slow
+def test_notebooks_run_in_order_and_write_their_figures(course_run):
+    tmp, executed, _, _ = course_run
+    for name, figures in FIGURES.items():
+        for figure in figures:
+            path = tmp / "figures" / figure
+            assert path.is_file() and path.stat().st_size > 10_000, f"{name} did not write {figure}"
+        assert _outputs(executed[name], "image/png"), f"{name} shows no figure inline"
+        summary = _outputs(executed[name], "stdout")
+        assert "figure" in summary and "written" in summary, f"{name}: the summary cell printed nothing"
+
+
+@pytest.mark.slow
+def test_each_notebook_reads_what_the_previous_one_wrote(course_run):
+    tmp, executed, _, _ = course_run
+    cache = tmp / "data" / "features" / "embedded-standin-ViT"
+    run = tmp / "data" / "runs" / "embedded-transformer"
+    assert (cache / "features.npy").is_file(), "02 writes the feature cache"
+    assert (run / "captioner" / "config.json").is_file() and (run / "history.json").is_file(), "03 trains"
+    assert str(cache) in _outputs(executed["03_train_the_mapper"], "stdout")
+    results = _read(run / "results-test.json")
+    assert results["info"]["split"] == "test" and "CIDEr" in results["scores"], "04 evaluates the run of 03"
+
+
+@pytest.mark.slow
+def test_the_tables_are_shown(course_run):
+    _, executed, _, _ = course_run
+    scores = _outputs(executed["04_caption_and_evaluate"], "text/html")
+    assert "ClipCap paper: Transformer, frozen GPT-2" in scores and "CIDEr" in scores and "BLEU-4" in scores
+    assert "share of captions that state it right" in scores
+    temperatures = _outputs(executed["05_decoding_explorer"], "text/html")
+    assert "distinct_share" in temperatures and "same_as_greedy" in temperatures
+    assert "sample, temperature 0.7" in temperatures
+    widget = _outputs(executed["05_decoding_explorer"], "application/vnd.jupyter.widget-view+json")
+    assert widget, "05 displays the explorer"
+    assert "40 optimiser steps" in _outputs(executed["03_train_the_mapper"], "stdout")
+
+
+@pytest.mark.slow
+def test_the_run_leaves_the_checkout_alone(course_run):
+    _, _, before, after = course_run
+    assert after == before, "notebooks under test must write to CLIPCAP_DATA / CLIPCAP_FIGURES only"
