@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (DataConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig, add_arguments,
-                     from_arguments, standin_preset)
+from .config import (DataConfig, DecodeConfig, DecodeConfigError, FeatureConfig, ModelConfig, RuntimeConfig,
+                     TrainConfig, add_arguments, decode_config, from_arguments, given_arguments, standin_preset)
 
 
 def _runtime(args) -> RuntimeConfig:
@@ -107,21 +107,105 @@ def cmd_train(args):
     return result
 
 
+def _load_captioner(args):
+    from .captioner import Captioner
+    from .runtime import resolve_device
+
+    return Captioner.from_pretrained(args.model, resolve_device(_runtime(args).device))
+
+
+def _image_files(targets: list[str]) -> list[str]:
+    """Files as given (an unreadable one is reported later, by name); folders: the images inside, sorted."""
+    from .datasets import IMAGE_SUFFIXES
+
+    files = []
+    for target in targets:
+        if not Path(target).is_dir():
+            files.append(target)
+            continue
+        found = sorted(str(p) for p in Path(target).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
+            print(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder {target}", file=sys.stderr)
+        files += found
+    return files
+
+
+def cmd_caption(args, captioner=None) -> list[dict]:
+    """Caption image files and folders; an unreadable image is named with its reason, the rest captioned."""
+    decode = decode_config(**given_arguments(DecodeConfig, args))
+    captioner = captioner or _load_captioner(args)
+    paths = _image_files(args.images)
+    results = captioner.caption_files(paths, decode)
+    for r in results:
+        if r["error"]:
+            print(f"skipped {r['image']}: {r['error']} (replace or remove the file)", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if r["caption"] is not None:  # one line per caption: several with num_return_sequences
+                for caption in [r["caption"]] if isinstance(r["caption"], str) else r["caption"]:
+                    print(f"{r['image']}\t{caption}")
+    if not any(r["caption"] is not None for r in results):
+        sys.exit(f"error: none of the {len(paths)} image(s) could be captioned.")
+    return results
+
+
+def cmd_evaluate(args, captioner=None) -> dict:
+    """Score a captioner on a split of a feature cache (default: the cache it was trained on)."""
+    from .evaluation import METRICS, evaluate_split, results_table
+    from .features import load_cache
+
+    decode = decode_config(**given_arguments(DecodeConfig, args))
+    captioner = captioner or _load_captioner(args)
+    features = args.features or captioner.summary.get("features")
+    if not features:
+        sys.exit(f"error: the bundle {args.model} does not name the feature cache it was trained on: pass "
+                 "--features CACHE_DIR.")
+    scores, per_image = evaluate_split(captioner, load_cache(features), args.split, decode, args.clip_score,
+                                       args.out, args.metrics or METRICS)
+    if args.json:
+        print(json.dumps({"split": args.split, "images": len(per_image), "scores": scores}, indent=2))
+    else:
+        print(f"{len(per_image)} '{args.split}' images of {features}, captioned by {decode.method} decoding "
+              "(scores x100):")
+        print(results_table(scores).to_string())
+    if args.out:
+        print(f"scores and per-image captions written to {args.out}", file=sys.stderr if args.json else sys.stdout)
+    return scores
+
+
 def cmd_course(args) -> None:
     """The main job: every stage of the course in order, on the chosen dataset."""
+    from .features import load_cache
     from .runtime import announce_offline, is_offline
 
     if is_offline(_runtime(args).offline):
         args.offline = True
         args.dataset = args.dataset or "embedded"
         announce_offline(f"running the course on the '{args.dataset}' dataset with stand-in models")
-    print("== 1/3 download ==")
+    decode_config(**given_arguments(DecodeConfig, args))  # contradictory decoding flags: refused before training
+    print("== 1/5 download ==")
     captions = cmd_download(args) if args.dataset in (None, "embedded", "flickr30k", "food") else None
-    print("== 2/3 CLIP features ==")
+    print("== 2/5 CLIP features ==")
     args.features = str(cmd_features(args, captions))
-    print("== 3/3 train the mapper ==")
+    print("== 3/5 train the mapper ==")
     args.batch_size = args.num_workers = None  # those flags were the feature stage's
-    cmd_train(args)
+    result = cmd_train(args)
+    args.model = str(result.bundle)
+    captioner = _load_captioner(args)
+    images = load_cache(args.features).images
+    args.images = images.loc[images["split"] == "test", "image_path"].head(5).to_list()
+    print("== 4/5 caption ==")
+    if not args.images:
+        print("the test split is empty, so there is nothing to caption or evaluate: use more images")
+        return
+    args.json = False
+    cmd_caption(args, captioner)
+    print("== 5/5 evaluate ==")
+    args.split, args.clip_score, args.metrics = "test", True, None
+    args.out = str(result.out_dir / "results-test.json")
+    cmd_evaluate(args, captioner)
 
 
 def cmd_bench(args) -> None:
@@ -150,10 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     train = command("train", cmd_train, "train the mapper (and chosen LM blocks) on cached features",
                     [DataConfig, ModelConfig, TrainConfig])
     train.add_argument("--features", default=None, help="feature cache folder (default: from dataset + backbone)")
+    caption = command("caption", cmd_caption, "caption image files and folders with a trained captioner")
+    caption.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
+    evaluate = command("evaluate", cmd_evaluate, "score a trained captioner on a split of a feature cache")
+    evaluate.add_argument("--split", default="test", help="train, val or test (default: test)")
+    evaluate.add_argument("--features", default=None,
+                          help="feature cache folder (default: the one the captioner was trained on)")
+    evaluate.add_argument("--out", default=None, help="write scores and per-image captions to this JSON file")
+    evaluate.add_argument("--metrics", nargs="+", default=None, help="default: BLEU METEOR ROUGE_L CIDEr SPICE")
+    evaluate.add_argument("--clip-score", action=argparse.BooleanOptionalAction, default=True,
+                          help="CLIPScore and RefCLIPScore (reads the images again)")
+    for p in (caption, evaluate):
+        p.add_argument("--model", required=True, help="captioner bundle folder (training writes <run>/captioner)")
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
     course = command("course", cmd_course, "the main job: run the course's stages end to end",
                      [DataConfig, FeatureConfig])
     add_arguments(course, ModelConfig, only=("mapper", "lm"))
     add_arguments(course, TrainConfig, only=("epochs", "max_steps", "lr"))
+    for p in (caption, evaluate, course):  # --seed is RuntimeConfig's, and seeds sampling too
+        add_arguments(p, DecodeConfig, skip=("seed",))
     bench = command("bench", cmd_bench, "measure feature extraction against the one-image-at-a-time way")
     bench.add_argument("--images", type=int, default=64, help="images per measurement")
     bench.add_argument("--out", default="bench/results", help="folder for the results table")
@@ -163,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from .datasets import DatasetError
     from .download import DownloadError
+    from .evaluation import EvaluationError
     from .features import FeatureCacheError
     from .runtime import GPUUnsupported
     from .training import TrainingError
@@ -170,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DatasetError, DownloadError, FeatureCacheError, GPUUnsupported, TrainingError) as exc:
+    except (DatasetError, DecodeConfigError, DownloadError, EvaluationError, FeatureCacheError, GPUUnsupported,
+            TrainingError, FileNotFoundError) as exc:  # FileNotFoundError: --model is not a bundle
         sys.exit(f"error: {exc}")
 
 

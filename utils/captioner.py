@@ -4,22 +4,30 @@ Training sees `[prefix (P vectors) | caption tokens | EOS | padding]`. Labels ar
 prefix and on padding, so the loss is on caption tokens and EOS only; the logits at position P-1 predict
 the first caption token. ClipCap instead padded with token 0 ("!"), which both hid real "!" from the
 loss and never taught the model to stop; appending EOS is what lets our captions end on their own.
+
+Captions are decoded by transformers' own `generate()` from the prefix (`inputs_embeds`), KV cache
+included, rather than by a hand-written loop: greedy, beam search and sampling as a DecodeConfig says.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from .config import ModelConfig
+from .config import DecodeConfig, ModelConfig, decode_config
+from .datasets import UnreadableImage, _to_rgb, open_image
+from .features import load_clip
 from .files import atomic_dir, read_json, write_json
 from .mapper import build_mapper
-from .runtime import announce_offline
-from .standins import STANDIN_PREFIX, gpt2_dir
+from .runtime import announce_offline, default_data_dir
+from .standins import STANDIN_PREFIX, gpt2_dir, is_standin
 
 BUNDLE_VERSION = 1
 
@@ -80,10 +88,30 @@ def apply_freeze(lm: nn.Module, cfg: ModelConfig) -> list[str]:
     return learns
 
 
+def generate_kwargs(decode: DecodeConfig, max_new_tokens: int) -> dict:
+    """The one place a DecodeConfig becomes arguments of transformers' `generate()`.
+
+    Only the chosen method's settings are passed, so generate() never warns about settings it ignores.
+    `max_new_tokens` is the caption length to use when `decode` sets none.
+    """
+    kwargs = dict(do_sample=decode.method == "sample", num_beams=decode.num_beams if decode.method == "beam" else 1,
+                  max_new_tokens=decode.max_new_tokens or max_new_tokens,
+                  num_return_sequences=decode.num_return_sequences, repetition_penalty=decode.repetition_penalty,
+                  no_repeat_ngram_size=decode.no_repeat_ngram_size)
+    if decode.method == "beam" and decode.num_beams > 1:
+        kwargs["length_penalty"] = decode.length_penalty
+    if decode.method == "sample":
+        kwargs.update(temperature=decode.temperature, top_k=decode.top_k, top_p=decode.top_p)
+    if decode.stop_at_period:
+        kwargs["stop_strings"] = ["."]  # stops once the text ends with "." (after "3." of "3.5" too)
+    return kwargs
+
+
 class Captioner(nn.Module):
     def __init__(self, config: ModelConfig, lm: nn.Module, tokenizer):
         super().__init__()
         self.config, self.lm, self.tokenizer = config, lm, tokenizer
+        self._clip = None  # (CLIP model, preprocess), loaded by the first image_encoder() call
         self.lm_dim = lm.get_input_embeddings().embedding_dim
         self.mapper = build_mapper(config.mapper, config.clip_dim, self.lm_dim, config.prefix_length,
                                    config.clip_length, config.num_layers, config.num_heads, config.mlp_ratio,
@@ -134,25 +162,111 @@ class Captioner(nn.Module):
         return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
     @torch.no_grad()
-    def generate(self, clip_embed: torch.Tensor, max_new_tokens: int | None = None, **decoding) -> list[str]:
-        """Captions for a batch of CLIP embeddings via `generate()` on the prefix (KV cache included).
+    def generate(self, clip_embed, decode: DecodeConfig | None = None, batch_size: int = 64,
+                 **overrides) -> list[str] | list[list[str]]:
+        """Captions for CLIP embeddings via transformers' `generate()` on the prefix (KV cache included).
 
-        `decoding` goes to transformers' generate: num_beams, do_sample, temperature, top_k, top_p, ...
+        clip_embed: (N, clip_dim) tensor or array. `decode` (default: greedy) with `overrides` of its fields,
+        e.g. `generate(x, method="beam", num_beams=3)`. Returns one caption per image, or per image a list
+        of num_return_sequences captions, each one line (runs of whitespace become one space). Images go
+        through generate() `batch_size` at a time.
         """
+        decode = decode_config(decode, **overrides)
+        kwargs = generate_kwargs(decode, self.max_caption_tokens)
+        if not torch.is_tensor(clip_embed):  # rows of a feature cache (float16 numpy), a list
+            clip_embed = torch.tensor(np.asarray(clip_embed, dtype=np.float32))
+        eos, device = self.tokenizer.eos_token_id, self.mapper_device
+        dtype = self.lm.get_input_embeddings().weight.dtype
         was_training = self.training
         self.eval()
-        prefix = self.prefix(clip_embed.to(self.mapper_device))  # (B, P, D)
-        prefix = prefix.to(self.lm.get_input_embeddings().weight.dtype)
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        eos = self.tokenizer.eos_token_id
-        out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, eos_token_id=eos, pad_token_id=eos,
-                               max_new_tokens=max_new_tokens or self.max_caption_tokens, **decoding)
+        texts = []
+        with _seeded(decode.seed, device):
+            for start in range(0, len(clip_embed), batch_size):
+                prefix = self.prefix(clip_embed[start:start + batch_size].to(device)).to(dtype)  # (b, P, D)
+                mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)  # (b, P)
+                out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, eos_token_id=eos, pad_token_id=eos,
+                                       tokenizer=self.tokenizer, **kwargs)  # (b * num_return_sequences, new tokens)
+                texts += [" ".join(t.split()) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         self.train(was_training)
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        n = decode.num_return_sequences
+        return texts if n == 1 else [texts[i:i + n] for i in range(0, len(texts), n)]
 
     @property
     def mapper_device(self) -> torch.device:
         return next(self.mapper.parameters()).device
+
+    # ---- images -------------------------------------------------------------------------------------
+    def image_encoder(self, models_dir: str | Path | None = None):
+        """(CLIP model, preprocess) of the backbone the captioner was trained on, loaded on first use.
+
+        A stand-in backbone ("standin:ViT") is built under `models_dir` (default: <data dir>/models).
+        """
+        if self._clip is None:
+            name = self.config.backbone
+            models_dir = Path(models_dir or Path(default_data_dir()) / "models")
+            standin = is_standin(name)
+            model, preprocess, _ = load_clip(name.removeprefix(STANDIN_PREFIX) if standin else name,
+                                             self.mapper_device, standin, models_dir)
+            if model.visual.output_dim != self.config.clip_dim:
+                raise ValueError(f"CLIP {name} gives {model.visual.output_dim}-d embeddings but this captioner "
+                                 f"was trained on {self.config.clip_dim}-d ones: its bundle is inconsistent.")
+            self._clip = (model.requires_grad_(False), preprocess)  # a tuple: not a submodule, never saved
+        return self._clip
+
+    @torch.no_grad()
+    def encode_images(self, images: list, batch_size: int = 32) -> tuple[torch.Tensor, list[str]]:
+        """CLIP embeddings of PIL images or image paths, made as the feature cache makes them.
+
+        Returns (embeddings (n_readable, clip_dim), reasons): reasons[i] is "" for a readable image, else
+        why it could not be read ("truncated JPEG", "missing file", ...). Pixels are held `batch_size`
+        images at a time, so a folder of any size fits in memory.
+        """
+        model, preprocess = self.image_encoder()
+        device = next(model.parameters()).device
+        embeds, reasons = [torch.zeros(0, self.config.clip_dim)], []
+        for start in range(0, len(images), batch_size):
+            pixels = []
+            for image in images[start:start + batch_size]:
+                try:  # as the cache: JPEGs decoded at a reduced scale still twice the model's input
+                    rgb = _to_rgb(image) if isinstance(image, Image.Image) else \
+                        open_image(image, draft=2 * model.visual.input_resolution)
+                    pixels.append(preprocess(rgb))  # (3, H, W)
+                    reasons.append("")
+                except UnreadableImage as exc:
+                    reasons.append(str(exc) or "unreadable")
+            if pixels:
+                with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                    batch = model.encode_image(torch.stack(pixels).to(device))  # (b, clip_dim)
+                embeds.append(batch.half().float().cpu())  # rounded to float16, as the cache stores them
+        return torch.cat(embeds), reasons
+
+    def embed(self, images: list, batch_size: int = 32) -> torch.Tensor:
+        """(N, clip_dim) CLIP embeddings of PIL images or paths; UnreadableImage names any that cannot be read."""
+        embeds, reasons = self.encode_images(images, batch_size)
+        bad = [f"{image_name(image, i)} ({why})" for i, (image, why) in enumerate(zip(images, reasons)) if why]
+        if bad:
+            raise UnreadableImage(f"cannot read {len(bad)} image(s): {', '.join(bad)}. Replace them, or use "
+                                  "caption_files() to caption the readable ones.")
+        return embeds
+
+    def caption(self, images: list, decode: DecodeConfig | None = None, batch_size: int = 32,
+                **overrides) -> list[str] | list[list[str]]:
+        """Captions of PIL images or image paths (see `generate` for `decode` and `overrides`).
+
+        Raises UnreadableImage naming every image that cannot be read; `caption_files` captions the rest.
+        """
+        return self.generate(self.embed(images, batch_size), decode, batch_size, **overrides)
+
+    def caption_files(self, images: list, decode: DecodeConfig | None = None, batch_size: int = 32,
+                      **overrides) -> list[dict]:
+        """One result per image: {"image": its name, "caption": str (or list of str), "error": None}, or
+        for an image that cannot be read {"image", "caption": None, "error": why}. The rest are captioned."""
+        decode = decode_config(decode, **overrides)
+        embeds, reasons = self.encode_images(images, batch_size)
+        captions = iter(self.generate(embeds, decode, batch_size))
+        return [{"image": image_name(image, i), "caption": None if why else next(captions), "error": why or None}
+                for i, (image, why) in enumerate(zip(images, reasons))]
+
 
     # ---- what learns --------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -199,3 +313,21 @@ class Captioner(nn.Module):
         model.mapper.load_state_dict(load_file(str(path / "mapper.safetensors")))
         model.summary = meta.get("summary", {})
         return model.to(device).eval()
+
+
+def image_name(image, position: int) -> str:
+    """A path as given; a PIL image by the file it was opened from, else by its position."""
+    if isinstance(image, Image.Image):
+        return getattr(image, "filename", "") or f"image {position}"
+    return str(image)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Draw random numbers from `seed`, leaving the caller's RNG state as it was; None: the global RNG."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

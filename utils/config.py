@@ -100,6 +100,74 @@ class TrainConfig:
     num_workers: int = 0  # batches are gathered from an in-memory cache: no workers needed
 
 
+DECODE_METHODS = ("greedy", "beam", "sample")
+# Settings that only one method reads: given to another, they are refused rather than silently unused.
+_METHOD_ONLY = {"num_beams": "beam", "length_penalty": "beam", "temperature": "sample", "top_k": "sample",
+                "top_p": "sample"}
+
+
+class DecodeConfigError(ValueError):
+    """Decoding settings that contradict each other; the message says which and what to change."""
+
+
+@dataclass
+class DecodeConfig:
+    """How a caption is read out of the LM; transformers' `generate()` does the decoding.
+
+    greedy takes the likeliest token at each step; beam keeps the num_beams likeliest captions so far
+    and returns the best; sample draws each token from the softmax at `temperature` (cut to top_k /
+    top_p when set), so the same image can get different captions.
+    """
+
+    method: str = "greedy"  # greedy | beam | sample
+    num_beams: int = 5  # beam: captions kept at each step
+    length_penalty: float = 1.0  # beam: ranks by log-prob / length**length_penalty (>1 favours longer)
+    temperature: float = 1.0  # sample: <1 sharpens the distribution (towards greedy), >1 flattens it
+    top_k: int = 0  # sample: draw only from the k likeliest tokens (0: from all)
+    top_p: float = 1.0  # sample: draw only from the likeliest tokens holding this much probability (1: all)
+    repetition_penalty: float = 1.0  # >1 makes tokens already in the caption less likely
+    no_repeat_ngram_size: int = 0  # never repeat an n-gram of this many tokens (0: allowed)
+    max_new_tokens: int | None = None  # default: the captioner's max_caption_tokens
+    num_return_sequences: int = 1  # captions per image: sample draws N, beam returns its N best
+    seed: int | None = None  # sample: the same seed gives the same captions (None: a new draw each call)
+    stop_at_period: bool = False  # also stop after the first "." (EOS always stops a caption)
+
+    def __post_init__(self):
+        problems = []
+        if self.method not in DECODE_METHODS:
+            problems.append(f"method must be one of {', '.join(DECODE_METHODS)}, not {self.method!r}")
+        if self.num_beams < 1 or self.num_return_sequences < 1:
+            problems.append("num_beams and num_return_sequences must be at least 1")
+        if self.method == "sample" and self.temperature <= 0:
+            problems.append(f"temperature must be above 0, not {self.temperature} (method 'greedy' is the limit "
+                            "of temperature -> 0)")
+        if self.method == "greedy" and self.num_return_sequences > 1:
+            problems.append("greedy decoding gives one caption per image: for several use method 'sample' (or "
+                            "'beam' with num_return_sequences <= num_beams)")
+        if self.method == "beam" and self.num_return_sequences > self.num_beams:
+            problems.append(f"beam search returns at most num_beams ({self.num_beams}) captions, not "
+                            f"num_return_sequences={self.num_return_sequences}")
+        if problems:
+            raise DecodeConfigError("; ".join(problems) + ".")
+
+
+def decode_config(base: DecodeConfig | None = None, **given) -> DecodeConfig:
+    """`base` (default: DecodeConfig()) with the settings `given`, refusing any the method would ignore:
+    `temperature=0.5` with greedy decoding would change nothing, which is never what was meant."""
+    names = {f.name for f in dataclasses.fields(DecodeConfig)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise DecodeConfigError(f"unknown decoding setting(s) {', '.join(unknown)}; DecodeConfig has "
+                                f"{', '.join(sorted(names))}.")
+    decode = dataclasses.replace(base or DecodeConfig(), **given)
+    unused = [name for name in given if _METHOD_ONLY.get(name, decode.method) != decode.method]
+    if unused:
+        name, method = unused[0], _METHOD_ONLY[unused[0]]
+        raise DecodeConfigError(f"{name} only applies to method '{method}', but the method is '{decode.method}': "
+                                f"add method='{method}' (--method {method}), or leave {name} out.")
+    return decode
+
+
 def standin_preset() -> tuple[ModelConfig, TrainConfig]:
     """Settings that train the tiny offline stand-ins on the embedded set in a few CPU minutes.
 
@@ -123,15 +191,18 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            choices = DATASETS if f.name == "dataset" else None
+            choices = {"dataset": DATASETS, "method": DECODE_METHODS}.get(f.name)
             group.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices)
+
+
+def given_arguments(cls: type, args: argparse.Namespace) -> dict:
+    """The fields of `cls` whose flags were given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
 
 
 def from_arguments(cls: type, args: argparse.Namespace, base=None):
     """Build `cls` from parsed flags: a flag left out keeps the value of `base` (default: the defaults)."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-             if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(base if base is not None else cls(), **given)
+    return dataclasses.replace(base if base is not None else cls(), **given_arguments(cls, args))
 
 
 def _base_type(hint) -> type:

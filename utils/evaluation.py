@@ -9,11 +9,15 @@ downloads on first use (a large download) and Java 8; it runs only where both ar
 
 CLIPScore (Hessel et al. 2021, arXiv:2104.08718) needs no reference captions: it asks CLIP how well
 a caption matches the image, which catches good captions worded unlike the references.
+
+`evaluate_split` puts it together for a trained captioner: captions from a cache's features, every
+metric, one JSON of results; `temperature_table` shows what decoding settings do to the captions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import re
@@ -27,6 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .captioner import image_name
+from .config import DecodeConfig
+from .datasets import UnreadableImage, open_image
 from .files import write_json
 
 METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -50,6 +57,10 @@ SPICE_SKIPPED = ("SPICE needs to download Stanford CoreNLP models at run time: s
 
 class MetricSkipped(UserWarning):
     """A metric could not be computed here; the message says why and what to install."""
+
+
+class EvaluationError(RuntimeError):
+    """A split that cannot be evaluated as asked; the message says why and what to do."""
 
 
 # ----------------------------------------------------------------------------------------- Java
@@ -315,7 +326,7 @@ def clip_score(model, preprocess, images: list, candidates: list[str], device, w
     _same_length(images=images, candidates=candidates)
     image_emb = _image_embeddings(model, preprocess, images, device, batch_size)  # (N, d), unit length
     text_emb = _text_embeddings(model, _prefixed(candidates, prefix), device, batch_size)  # (N, d)
-    return w * np.clip((image_emb * text_emb).sum(axis=1), 0, None)
+    return _clip_s(image_emb, text_emb, w)
 
 
 def ref_clip_score(model, preprocess, images: list, candidates: list[str], references: list[list[str]],
@@ -325,16 +336,28 @@ def ref_clip_score(model, preprocess, images: list, candidates: list[str], refer
 
     The harmonic mean is high only when the caption both fits the image and says what people said.
     """
+    return clip_scores(model, preprocess, images, candidates, references, device, w, prefix, batch_size)[1]
+
+
+def clip_scores(model, preprocess, images: list, candidates: list[str], references: list[list[str]],
+                device, w: float = 2.5, prefix: str = "A photo depicts",
+                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(CLIP-S, RefCLIP-S) per image from one pass of CLIP over the images and captions."""
     _same_length(images=images, candidates=candidates, references=references)
-    clip_s = clip_score(model, preprocess, images, candidates, device, w, prefix, batch_size)
+    image_emb = _image_embeddings(model, preprocess, images, device, batch_size)  # (N, d), unit length
     cand = _text_embeddings(model, _prefixed(candidates, prefix), device, batch_size)  # (N, d)
+    clip_s = _clip_s(image_emb, cand, w)
     flat = [r for refs in references for r in refs]
     ref_emb = _text_embeddings(model, _prefixed(flat, prefix), device, batch_size)  # (sum of refs, d)
     owner = np.repeat(np.arange(len(references)), [len(refs) for refs in references])
     best = np.zeros(len(candidates))
     np.maximum.at(best, owner, (cand[owner] * ref_emb).sum(axis=1))  # max over each image's refs, floor 0
     both = clip_s + best
-    return np.where(both > 0, 2 * clip_s * best / np.where(both > 0, both, 1), 0.0)
+    return clip_s, np.where(both > 0, 2 * clip_s * best / np.where(both > 0, both, 1), 0.0)
+
+
+def _clip_s(image_emb: np.ndarray, text_emb: np.ndarray, w: float) -> np.ndarray:
+    return w * np.clip((image_emb * text_emb).sum(axis=1), 0, None)  # (N,)
 
 
 def _same_length(**lists) -> None:
@@ -389,8 +412,9 @@ def results_table(scores: dict, compare: dict[str, dict[str, float]] | None = No
     return table
 
 
-def write_results(path_json: str | Path, scores: dict, per_image_captions: list[dict]) -> Path:
-    """Scores and the captions they were computed from, in one JSON written atomically."""
+def write_results(path_json: str | Path, scores: dict, per_image_captions: list[dict],
+                  info: dict | None = None) -> Path:
+    """Scores, the captions they were computed from and `info` (how), in one JSON written atomically."""
     def plain(obj):
         if isinstance(obj, np.generic):
             return obj.item()
@@ -398,5 +422,133 @@ def write_results(path_json: str | Path, scores: dict, per_image_captions: list[
             return obj.tolist()
         raise TypeError(f"{type(obj).__name__} cannot be written to JSON")
 
-    data = json.loads(json.dumps({"scores": scores, "captions": per_image_captions}, default=plain))
+    data = json.loads(json.dumps({"scores": scores, "captions": per_image_captions, "info": info or {}},
+                                 default=plain))
     return write_json(path_json, data)
+
+
+# -------------------------------------------------------------------------- evaluating a captioner
+
+
+def evaluate_split(captioner, cache, split: str = "test", decode: DecodeConfig | None = None,
+                   clip_score: bool = True, out: str | Path | None = None, metrics: Iterable[str] = METRICS,
+                   batch_size: int = 64) -> tuple[dict[str, float], pd.DataFrame]:
+    """Caption every image of a feature cache's split and score it against ALL its references.
+
+    Captions come from the cached CLIP features (no image is re-encoded for them). With clip_score,
+    CLIPScore and RefCLIPScore read the images again with the captioner's own CLIP; an image that can
+    no longer be read is left out of those two (NaN in its row), and named in a printed note and in the
+    JSON's info.clip_score_unreadable.
+    Returns (scores as score_captions gives them, plus CLIPScore/RefCLIPScore; a per-image frame:
+    image_id, image_path, prediction, references and each metric). `out`: write both to this JSON.
+    """
+    decode = decode or DecodeConfig()
+    if decode.num_return_sequences != 1:
+        raise EvaluationError(f"evaluation scores one caption per image, not num_return_sequences="
+                              f"{decode.num_return_sequences}: leave it at 1.")
+    _check_cache_fits(captioner, cache)
+    frame = cache.split(split)
+    if frame.empty:
+        present = ", ".join(sorted(cache.captions["split"].unique()))
+        raise EvaluationError(f"the feature cache at {cache.path} has no '{split}' images (it has: {present}); "
+                              "choose one of those splits.")
+    references = references_by_image(frame)
+    images = cache.images.set_index("image_id").loc[list(references)]
+    captions = captioner.generate(cache.features[images["feature_row"].to_numpy()], decode, batch_size)
+    scores, per_image = score_captions(dict(zip(references, captions)), references, metrics, per_image=True)
+    per_image.insert(1, "image_path", images["image_path"].to_list())
+    per_image.insert(3, "references", list(references.values()))
+    unreadable = []
+    if clip_score:
+        per_image["CLIPScore"], per_image["RefCLIPScore"], unreadable = _clip_scores_of_files(
+            captioner, per_image["image_path"].to_list(), captions, list(references.values()), batch_size)
+        if len(unreadable) < len(per_image):
+            scores.update(CLIPScore=float(per_image["CLIPScore"].mean()),
+                          RefCLIPScore=float(per_image["RefCLIPScore"].mean()))
+        if unreadable:
+            print(f"{len(unreadable)} of {len(per_image)} image(s) could not be read again and are left out of "
+                  f"CLIPScore (their captions came from the cache): {', '.join(unreadable[:5])}"
+                  + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""))
+    if out is not None:
+        info = {"split": split, "images": len(per_image), "features": str(cache.path),
+                "backbone": cache.meta["backbone"], "standin": bool(cache.meta.get("standin")),
+                "decode": dataclasses.asdict(decode), "clip_score_unreadable": unreadable}
+        records = per_image.astype(object).where(per_image.notna(), None).to_dict("records")  # NaN -> null
+        write_results(out, scores, records, info)
+    return scores, per_image
+
+
+def _check_cache_fits(captioner, cache) -> None:
+    cfg = captioner.config
+    have = (cache.meta["backbone"], int(cache.meta["clip_dim"]))
+    if have != (cfg.backbone, cfg.clip_dim):
+        raise EvaluationError(f"the feature cache at {cache.path} holds {have[1]}-d {have[0]} features, but the "
+                              f"captioner was trained on {cfg.clip_dim}-d {cfg.backbone} ones: evaluate on a cache "
+                              f"made with `python -m utils features --backbone {cfg.backbone}`.")
+
+
+def _clip_scores_of_files(captioner, paths: list[str], captions: list[str], references: list[list[str]],
+                          batch_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """CLIP-S and RefCLIP-S per image file (NaN where unreadable), `batch_size` images in memory at a time;
+    and 'path (why)' for each unreadable one."""
+    model, preprocess = captioner.image_encoder()
+    clip_s, ref_s, unreadable = np.full(len(paths), np.nan), np.full(len(paths), np.nan), []
+    for start in range(0, len(paths), batch_size):
+        ok, images = [], []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                images.append(open_image(paths[i], draft=2 * model.visual.input_resolution))
+                ok.append(i)
+            except UnreadableImage as exc:
+                unreadable.append(f"{paths[i]} ({exc})")
+        if ok:
+            clip_s[ok], ref_s[ok] = clip_scores(model, preprocess, images, [captions[i] for i in ok],
+                                                [references[i] for i in ok], next(model.parameters()).device,
+                                                batch_size=batch_size)
+    return clip_s, ref_s, unreadable
+
+
+def temperature_table(captioner, images, temperatures: Iterable[float] = (0.3, 0.7, 1.0, 1.5), samples: int = 3,
+                      methods: Iterable[str] = ("greedy", "beam"), seed: int = 0,
+                      names: list[str] | None = None) -> pd.DataFrame:
+    """The same images captioned by each deterministic method and by sampling at each temperature.
+
+    images: CLIP embeddings (N, clip_dim) (e.g. rows of a feature cache), or PIL images / image paths,
+    which the captioner encodes. Sampling draws `samples` captions per image and temperature (seeded,
+    so the table is reproducible); greedy and beam give one (sample 0, temperature NaN).
+    Returns one row per image x setting x sample: image, method, temperature, sample, caption.
+    `names` labels the images (default: their file names, or positions for embeddings).
+    """
+    if torch.is_tensor(images) or isinstance(images, np.ndarray):
+        embeds, names = images, names or [str(i) for i in range(len(images))]
+    else:
+        embeds, names = captioner.embed(images), names or [image_name(im, i) for i, im in enumerate(images)]
+    rows = []
+    for method in methods:
+        captions = captioner.generate(embeds, DecodeConfig(method=method))
+        rows += [(names[i], method, np.nan, 0, c) for i, c in enumerate(captions)]
+    for t in temperatures:
+        drawn = captioner.generate(embeds, DecodeConfig(method="sample", temperature=t, num_return_sequences=samples,
+                                                        seed=seed))
+        drawn = [d if samples > 1 else [d] for d in drawn]  # one sample comes back as a plain caption
+        rows += [(names[i], "sample", t, k, c) for i, per_image in enumerate(drawn) for k, c in enumerate(per_image)]
+    return pd.DataFrame(rows, columns=["image", "method", "temperature", "sample", "caption"])
+
+
+def temperature_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per setting of a temperature_table: how varied its captions are, and how far from greedy.
+
+    distinct_share: distinct captions / captions, per image, averaged (sampling: from 1/samples, every
+    draw alike, up to 1, every draw different); same_as_greedy: share of captions equal to the greedy
+    one of their image (NaN without greedy rows); mean_words: caption length.
+    """
+    greedy = table[table["method"] == "greedy"].set_index("image")["caption"]
+    table = table.assign(words=table["caption"].str.split().str.len(),
+                         same=(table["caption"] == table["image"].map(greedy)) if len(greedy) else np.nan)
+    per_image = table.groupby(["method", "temperature", "image"], dropna=False).agg(
+        distinct=("caption", "nunique"), n=("caption", "size"))
+    summary = table.groupby(["method", "temperature"], dropna=False).agg(
+        captions=("caption", "size"), same_as_greedy=("same", "mean"), mean_words=("words", "mean"))
+    summary.insert(1, "distinct_share",
+                   (per_image["distinct"] / per_image["n"]).groupby(["method", "temperature"], dropna=False).mean())
+    return summary.reset_index()
