@@ -176,3 +176,14 @@ def test_killed_run_resumed_ends_like_an_uninterrupted_one(small_cache, data_dir
     assert [r["val_loss"] for r in vb] == pytest.approx([r["val_loss"] for r in va], rel=1e-5)
     ta, tb = a["state"]["history"]["train"], b["state"]["history"]["train"]
     assert [r["loss"] for r in tb] == pytest.approx([r["loss"] for r in ta], rel=1e-5)
+
+
+def test_watched_captions_and_early_stopping(small_cache, data_dir, tmp_path):
+    # lr 0: the weights never move, so the second evaluation is no better and patience 1 ends the run
+    result = train(small_cache, _model(), _quick(tmp_path / "run", epochs=6, lr=0.0, patience=1, watch_images=4),
+                   OFFLINE, data_dir)
+    samples = result.history["samples"]
+    assert len(samples) == len(result.history["val"]) >= 2
+    assert all(len(s["captions"]) == 4 and 0 < s["distinct_share"] <= 1 for s in samples)
+    assert samples[0]["image_ids"] == samples[-1]["image_ids"], "the same images are watched every time"
+    assert len(result.history["val"]) == 2

@@ -98,6 +98,9 @@ class TrainConfig:
     out_dir: str | None = None  # default: <data_dir>/runs/<dataset>-<mapper>
     resume: bool = False  # continue from out_dir/checkpoint.pt
     num_workers: int = 0  # batches are gathered from an in-memory cache: no workers needed
+    watch_images: int = 8  # validation images captioned at every evaluation, to watch captions improve
+    collapse_warning: float = 0.5  # warn when fewer than this share of watched captions are distinct
+    patience: int = 0  # stop after this many evaluations without a better validation loss (0: never)
 
 
 DECODE_METHODS = ("greedy", "beam", "sample")

@@ -32,7 +32,8 @@ from .runtime import is_offline, resolve_device, supports_bf16
 
 CHECKPOINT_VERSION = 1
 # TrainConfig fields a resumed run may change without changing what it computes.
-_FREE_ON_RESUME = {"resume", "max_steps", "out_dir", "checkpoint_every", "log_every", "eval_every", "num_workers"}
+_FREE_ON_RESUME = {"resume", "max_steps", "out_dir", "checkpoint_every", "log_every", "eval_every", "num_workers",
+                   "watch_images", "collapse_warning", "patience"}
 
 
 class TrainingError(RuntimeError):
@@ -167,14 +168,20 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
             _save_checkpoint(out / name, captioner, optimizer, accelerator, state, cfg, cache)
             _save_history(out, state["history"])
 
+    watch = cache.split("val").drop_duplicates("image_id").head(cfg.watch_images)
+
     def validate() -> None:
         if not len(val_split):
             return
         val = evaluate_loss(model, captioner, features, val_split, cfg.batch_size, device)
         state["history"]["val"].append({"step": state["step"], "epoch": state["epoch"] + 1, "val_loss": val})
+        if len(watch):
+            _watch_captions(captioner, features, watch, state, cfg)
         if state["best_val_loss"] is None or val < state["best_val_loss"]:
-            state["best_val_loss"] = val
+            state["best_val_loss"], state["evals_since_best"] = val, 0
             save("best.pt")
+        else:
+            state["evals_since_best"] = state.get("evals_since_best", 0) + 1
 
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="training", mininterval=2,
@@ -216,6 +223,8 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", refresh=False)
             if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                 validate()
+            if _patience_ran_out(state, cfg):
+                break
             if state["step"] % cfg.checkpoint_every == 0:
                 save()
         if state["step_in_epoch"] >= steps_per_epoch:
@@ -224,6 +233,10 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
             state["epoch"] += 1
             state["step_in_epoch"] = 0
             save()
+        if _patience_ran_out(state, cfg):
+            print(f"early stop: no better validation loss in {cfg.patience} evaluations "
+                  f"(best {state['best_val_loss']:.4f})")
+            break
     bar.close()
     if not state["history"]["val"] or state["history"]["val"][-1]["step"] != state["step"]:
         validate()
@@ -231,6 +244,27 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
     accelerator.wait_for_everyone()
     bundle = _export_best(out, captioner, state, cache)
     return TrainResult(out, bundle, state["history"], state["best_val_loss"], state["step"])
+
+
+def _patience_ran_out(state: dict, cfg: TrainConfig) -> bool:
+    return cfg.patience > 0 and state.get("evals_since_best", 0) >= cfg.patience
+
+
+def _watch_captions(captioner: Captioner, features: torch.Tensor, watch: pd.DataFrame, state: dict,
+                    cfg: TrainConfig) -> None:
+    """Caption the same validation images at every evaluation: the history then shows captions improve,
+    and a model that says one caption for every image (ClipCap's users met it only after training) is
+    caught while it trains."""
+    rows = torch.tensor(watch["feature_row"].to_numpy(), device=features.device)
+    captions = captioner.generate(features[rows])
+    share = len(set(captions)) / len(captions)
+    state["history"].setdefault("samples", []).append({
+        "step": state["step"], "epoch": state["epoch"] + 1, "image_ids": watch["image_id"].tolist(),
+        "captions": captions, "distinct_share": share})
+    if share < cfg.collapse_warning:
+        print(f"warning: at step {state['step']} only {len(set(captions))} distinct captions for {len(captions)} "
+              f"different images: the captions are collapsing towards one. If it persists, lower --lr, add "
+              f"--feature-noise, or check that the features differ between images.")
 
 
 def _step_loss(model, clip_embed, ids, mask, labels, cfg: TrainConfig) -> torch.Tensor:
