@@ -76,3 +76,16 @@ def test_bench_writes_a_results_table(tmp_path):
                                                       "clipcap_one_image_fp32"}
     assert "| ours_batched |" in (tmp_path / "features-cpu.md").read_text()
     assert "speedup_vs_clipcap" in proc.stdout
+
+
+def test_training_and_captioning_benches_write_their_tables(tmp_path):
+    run_cli("bench", "training", "--arch", "tiny", "--steps", "2", "--out", str(tmp_path), "--device", "cpu",
+            data_dir=tmp_path)
+    run_cli("bench", "captioning", "--arch", "tiny", "--images", "4", "--out", str(tmp_path), "--device", "cpu",
+            data_dir=tmp_path)
+    training = json.loads((tmp_path / "training-cpu.json").read_text())["summary"]
+    assert set(training["samples_per_s"]) == {"ours", "clipcap_fp32_fixed_padding"}
+    assert training["clipcap_max_seq_len"] > training["mean_caption_tokens"]
+    captioning = json.loads((tmp_path / "captioning-cpu.json").read_text())["summary"]
+    assert set(captioning["captions_per_s"]) == {"ours_greedy", "clipcap_greedy", "ours_beam5", "clipcap_beam5"}
+    assert captioning["same_greedy_captions"] == "4 of 4", "the cached batched greedy decoding equals ClipCap's"

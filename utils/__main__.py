@@ -209,10 +209,22 @@ def cmd_course(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import bench_features
+    """Each benchmark measures ours and the ClipCap way in the same run and writes a results table."""
+    from . import bench
 
-    result = bench_features(n_images=args.images, device=args.device or "auto", out_dir=Path(args.out))
-    print(json.dumps(result["summary"], indent=2))
+    device, out = args.device or "auto", Path(args.out)
+    models_dir = Path(DataConfig().data_dir) / "models"
+    which = ("features", "training", "captioning") if args.what == "all" else (args.what,)
+    for name in which:
+        if name == "features":
+            result = bench.bench_features(n_images=args.images, device=device, out_dir=out)
+        elif name == "training":
+            result = bench.bench_training(steps=args.steps, device=device, arch=args.arch, models_dir=models_dir,
+                                          out_dir=out)
+        else:
+            result = bench.bench_captioning(images=args.images, device=device, arch=args.arch,
+                                            models_dir=models_dir, out_dir=out)
+        print(json.dumps(result["summary"], indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,8 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(course, TrainConfig, only=("epochs", "max_steps", "lr"))
     for p in (caption, evaluate, course):  # --seed is RuntimeConfig's, and seeds sampling too
         add_arguments(p, DecodeConfig, skip=("seed",))
-    bench = command("bench", cmd_bench, "measure feature extraction against the one-image-at-a-time way")
-    bench.add_argument("--images", type=int, default=64, help="images per measurement")
+    bench = command("bench", cmd_bench, "measure features / training / captioning against the ClipCap way")
+    bench.add_argument("what", nargs="?", default="features", choices=("features", "training", "captioning", "all"))
+    bench.add_argument("--images", type=int, default=32, help="images per measurement (features, captioning)")
+    bench.add_argument("--steps", type=int, default=3, help="timed training steps")
+    bench.add_argument("--arch", default="real", choices=("real", "tiny"),
+                       help="real: CLIP ViT-B/32 and GPT-2 124M shapes; tiny: the stand-in sizes (quick checks)")
     bench.add_argument("--out", default="bench/results", help="folder for the results table")
     return parser
 
