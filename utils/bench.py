@@ -241,11 +241,12 @@ def bench_training(steps: int = 3, batch_size: int = 40, device: str = "auto", a
               f"{'124M shape' if arch == 'real' else 'tiny'} (last 2 blocks trained), random init",
               "machine": machine_info(device), "summary": summary}
     s = summary
+    memory = {k: "n/a (CPU)" if v is None else v for k, v in s["peak_memory_gib"].items()}
     table = (f"# Training throughput ({result['architecture']})\n\n{_machine_line(result)}\n\n"
              "| pipeline | samples/s | peak GPU memory (GiB) |\n|---|---|---|\n"
-             f"| ours: dynamic padding, {s['precision_ours']} | {s['samples_per_s']['ours']} | {s['peak_memory_gib']['ours']} |\n"
+             f"| ours: dynamic padding, {s['precision_ours']} | {s['samples_per_s']['ours']} | {memory['ours']} |\n"
              f"| ClipCap train.py: fp32, padded to {fixed} tokens | {s['samples_per_s']['clipcap_fp32_fixed_padding']} "
-             f"| {s['peak_memory_gib']['clipcap_fp32_fixed_padding']} |\n\n"
+             f"| {memory['clipcap_fp32_fixed_padding']} |\n\n"
              f"Speed-up {s['speedup_vs_clipcap']}x; {s['model_tflops_per_s']} model TFLOP/s"
              + (f", MFU {s['mfu']:.1%}" if s["mfu"] else " (MFU: GPU only)")
              + f". Projected Flickr30k epoch (155k captions): {s['flickr30k_epoch_minutes']} min.\n")

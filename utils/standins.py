@@ -10,13 +10,32 @@ formats the real weights come in, so `clip.load(...)` and `from_pretrained(...)`
 - tokenizer: a byte-level BPE (so any text round-trips) trained with `tokenizers`, saved as GPT-2's
   `vocab.json` + `merges.txt`.
 
-Their weights are random (seeded): they teach the mechanics, never the quality of real captions, and
-every name and message that shows them says "stand-in".
+None of them is a real model, and every name and message that shows them says "stand-in".
+
+The stand-in CLIP for ViT backbones is TRAINED, briefly, when it is first built: a 2-layer ViT
+(16x16 patches, width 64) and a 1-layer text transformer (width 64), 64-d embeddings, fitted for
+`_CLIP_FIT["steps"]` steps of CLIP's own symmetric contrastive (InfoNCE) loss on a private synthetic
+set: `utils.datasets.make_embedded` images drawn with a seed the course never uses, so the course's
+images are never seen. That takes about half a minute on two CPU cores, once per data folder. What it
+learns is the five attributes of those drawings (shape, colour, position, size, background) and the
+words that name them -- enough for a captioner trained on its embeddings to learn where and how big
+the shape is, which random weights do not carry. It knows nothing else: it is a teaching stand-in,
+not CLIP, and its embeddings say nothing about photographs. The ResNet stand-in for RN* backbones
+keeps random (seeded) weights; it is only there so that RN* backbones load and mismatches can be shown.
+
+GPT-2's stand-in weights are random (seeded): they teach the mechanics, never the quality of captions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import dataclasses
+import functools
+import math
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,10 +47,18 @@ EOS = "<|endoftext|>"
 
 # Tiny shapes: a ViT or a ModifiedResNet of CLIP's own classes. Widths are multiples of 64 because
 # clip.model.build_model infers heads as width // 64; the ResNet's attention-pool width is 32 x width.
+# context_length and vocab_size stay CLIP's, so `clip.tokenize` feeds the text tower as it is.
 _CLIP_VIT = dict(embed_dim=64, image_resolution=64, vision_layers=2, vision_width=64, vision_patch_size=16,
                  context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
                  transformer_layers=1)
 _CLIP_RN = dict(_CLIP_VIT, vision_layers=(1, 1, 1, 1), vision_width=8, vision_patch_size=None)
+
+# How the ViT stand-in is fitted (see `_fit_clip`). The data seed differs from the course's (0), so
+# the course's own images are never trained on.
+CLIP_DATA = "standin-clip-data"  # folder under models_dir holding the private training drawings
+_CLIP_FIT = dict(images=3000, seed=12345, steps=600, batch=64, lr=1e-3, warmup=20, weight_decay=0.1,
+                 group_fraction=1.0, shape_groups=0.5, position_groups=0.125, image_delay=0)
+
 _GPT2 = dict(n_positions=256, n_embd=64, n_layer=2, n_head=2)
 _TOKENIZER_VOCAB = 600
 
@@ -56,22 +83,248 @@ def clip_standin_name(backbone: str) -> str:
 
 
 def clip_archive(backbone: str, models_dir: str | Path) -> Path:
-    """Path of the stand-in CLIP TorchScript archive for `backbone`, built on first use."""
-    import clip.model
+    """Path of the stand-in CLIP TorchScript archive for `backbone`, built on first use.
 
+    The ViT stand-in is trained on first use (about half a minute on two CPU cores, see the module's
+    docstring), the ResNet one is random; both are deterministic: building again gives the same weights.
+    """
     kind = clip_standin_name(backbone).removeprefix(STANDIN_PREFIX)
     path = Path(models_dir) / f"standin-clip-{kind.lower()}.pt"
     if path.is_file():
         return path
-    torch.manual_seed(0)
-    model = clip.model.CLIP(**(_CLIP_RN if kind == "RN" else _CLIP_VIT)).eval()
-    image = torch.randn(1, 3, model.visual.input_resolution, model.visual.input_resolution)
+    model = _standin_clip(kind, Path(models_dir))
+    n = model.visual.input_resolution
+    image = torch.zeros(1, 3, n, n)
     text = torch.zeros(1, model.context_length, dtype=torch.long)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # "converting a tensor to a Python index"
         traced = torch.jit.trace(model, (image, text), check_trace=False)
     with atomic_path(path) as tmp:
         traced.save(str(tmp))
     return path
+
+
+@contextlib.contextmanager
+def _private_torch_state():
+    """Seeded RNG and one CPU thread for a build, leaving the caller's RNG state and thread count as they
+    were. One thread makes the fitted weights the same on any machine whatever its core count, and is
+    barely slower here: the tiny model's matrices are too small for threads to pay off."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _standin_clip(kind: str, models_dir: Path):
+    import clip.model
+
+    with _private_torch_state():
+        model = clip.model.CLIP(**(_CLIP_RN if kind == "RN" else _CLIP_VIT))
+        if kind != "RN":
+            _fit_clip(model, _clip_training_set(models_dir / CLIP_DATA, model.visual.input_resolution))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting the ViT stand-in: CLIP's contrastive loss on a private set of the course's drawings
+
+
+@dataclasses.dataclass
+class _TrainingSet:
+    pixels: torch.Tensor  # (N, 3, R, R) float, exactly what clip's preprocess makes of each image
+    tokens: torch.Tensor  # (N, 3, L) long, clip.tokenize of the three captions, cut after the longest
+    keys: list  # per image: its (shape, colour, position, size, background) read from its captions, or None
+
+
+def _clip_training_set(folder: Path, resolution: int) -> _TrainingSet:
+    """The private drawings (generated on first use), preprocessed and tokenized once, all in memory."""
+    import clip
+    from PIL import Image
+
+    from .datasets import make_embedded
+
+    make_embedded(folder, n_images=_CLIP_FIT["images"], seed=_CLIP_FIT["seed"])
+    captions: dict[str, list[str]] = {}
+    with open(folder / "captions.csv", newline="", encoding="utf-8") as f:
+        for name, caption in list(csv.reader(f))[1:]:
+            captions.setdefault(name, []).append(caption)
+    names = sorted(captions)
+    preprocess = clip.clip._transform(resolution)
+    images = []
+    for name in names:
+        with Image.open(folder / "images" / name) as im:
+            images.append(preprocess(im))
+    texts = sorted({c for name in names for c in captions[name]})
+    row = {c: i for i, c in enumerate(texts)}
+    tokens = clip.tokenize(texts)
+    tokens = tokens[:, :int((tokens != 0).sum(1).max())]  # the rest is padding, never attended to
+    picks = [[row[c] for c in (captions[n] * 3)[:3]] for n in names]
+    return _TrainingSet(torch.stack(images), tokens[torch.tensor(picks)], [_caption_key(captions[n]) for n in names])
+
+
+def _caption_key(captions: list[str]):
+    """(shape, colour, position, size, background) that all of an image's captions name, else None."""
+    keys = {_read_attributes(c) for c in captions}
+    return keys.pop() if len(keys) == 1 and None not in keys else None
+
+
+@functools.lru_cache(maxsize=1)
+def _attribute_phrases() -> dict[str, dict[str, re.Pattern]]:
+    from . import datasets
+
+    words = {"size": datasets._SIZE_WORDS, "position": datasets._WHERE_WORDS, "background": datasets._BACKGROUND_WORDS}
+    return {attr: {v: re.compile(r"\b(" + "|".join(map(re.escape, words.get(attr, {}).get(v, (v,)))) + r")\b")
+                   for v in values} for attr, values in datasets.EMBEDDED_ATTRIBUTES.items()}
+
+
+def _read_attributes(caption: str):
+    text, found = caption.lower(), []
+    for phrases in _attribute_phrases().values():
+        hits = [value for value, pattern in phrases.items() if pattern.search(text)]
+        if len(hits) != 1:
+            return None
+        found.append(hits[0])
+    return tuple(found)
+
+
+def _fit_clip(model, data: _TrainingSet) -> None:
+    """Fit both towers with CLIP's symmetric InfoNCE loss, in place, deterministically.
+
+    What makes a tiny CLIP learn in a few hundred CPU steps, where a plain run stalls near log(batch):
+    - at the start both towers' embeddings barely vary: the background dominates every image and the
+      template words every caption. The loss is then lowest with both collapsed onto background alone,
+      a saddle plain training leaves only after hundreds of steps. Three choices avoid it: the patch
+      embedding starts as the whitened principal components of the training patches (every direction of
+      pixel variation gets the same weight, not just the background's), the ViT's position embedding
+      starts large enough for position to be seen, and the text attention starts uniform (a bag of words);
+    - batches are built of groups of images that differ in one attribute only (half of them in shape,
+      the hardest one to see through 16x16 patches), so every batch holds negatives that only that
+      attribute tells apart;
+    - images whose captions say the same thing (the set has only 600 attribute combinations) are all
+      positives of each other's captions, instead of false negatives;
+    - images are preprocessed and captions tokenized once; the text runs only up to the longest caption
+      (the causal mask makes the padding irrelevant) and only the embedding rows of words that occur are
+      trained (the others get no gradient anyway).
+    """
+    import torch.nn.functional as F
+
+    fit = _CLIP_FIT
+    gen = torch.Generator().manual_seed(fit["seed"])
+    n, length = len(data.keys), data.tokens.shape[-1]
+    combos = {k: i for i, k in enumerate(sorted({k for k in data.keys if k is not None}))}
+    key_id = torch.tensor([combos[k] if k is not None else len(combos) + i for i, k in enumerate(data.keys)])
+    sampler = _GroupSampler(data.keys, gen)
+    visual = model.visual
+    with torch.no_grad():
+        _whitened_patch_embedding(visual, data.pixels[:1000])
+        for block in model.transformer.resblocks:  # uniform causal attention: the text starts as a bag of words
+            block.attn.in_proj_weight[:2 * model.transformer.width].zero_()
+    vocab, tokens = torch.unique(data.tokens, return_inverse=True)  # CLIP's 49408 rows -> the few words used
+    eot = tokens.argmax(-1)  # the end-of-text token has the highest id, before and after renumbering
+    words = torch.nn.Parameter(model.token_embedding.weight.detach()[vocab].clone())
+    model.token_embedding.weight.requires_grad_(False)
+    full_mask = model.build_attention_mask()
+
+    def encode_text(rows, ends):  # = model.encode_text on the first `length` tokens
+        x = words[rows] + model.positional_embedding[:length]
+        x = model.ln_final(model.transformer(x.permute(1, 0, 2)).permute(1, 0, 2))
+        return x[torch.arange(len(rows)), ends] @ model.text_projection
+
+    decay = [p for name, p in model.named_parameters()
+             if p.requires_grad and p.ndim >= 2 and "embedding" not in name]
+    no_decay = [p for p in [*model.parameters(), words] if p.requires_grad and all(p is not q for q in decay)]
+    image = {id(p) for p in visual.parameters()}
+    opt = torch.optim.AdamW([dict(params=[p for p in params if (id(p) in image) == is_image], weight_decay=wd, image=is_image)
+                             for params, wd in ((decay, fit["weight_decay"]), (no_decay, 0.0)) for is_image in (True, False)],
+                            lr=fit["lr"], betas=(0.9, 0.98), eps=1e-6)
+    steps, warmup = fit["steps"], fit["warmup"]
+    for block in model.transformer.resblocks:
+        block.attn_mask = full_mask[:length, :length]
+    model.train()
+    try:
+        for step in range(steps):
+            scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+            late = step - fit["image_delay"]
+            image_scale = 0.0 if late < 0 else min(1.0, (late + 1) / warmup) * scale
+            for group in opt.param_groups:
+                group["lr"] = fit["lr"] * (image_scale if group["image"] else scale)
+            idx = sampler.batch(fit["batch"], fit["group_fraction"], fit["shape_groups"], fit["position_groups"])
+            caption = torch.randint(0, 3, (len(idx),), generator=gen)
+            image_emb = F.normalize(model.encode_image(data.pixels[idx]), dim=-1)
+            text_emb = F.normalize(encode_text(tokens[idx, caption], eot[idx, caption]), dim=-1)
+            logits = model.logit_scale.exp() * image_emb @ text_emb.T
+            same = (key_id[idx, None] == key_id[None, idx]).float()
+            target = same / same.sum(1, keepdim=True)  # symmetric: the same for both directions
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))  # as CLIP does
+    finally:
+        for block in model.transformer.resblocks:
+            block.attn_mask = full_mask
+        with torch.no_grad():
+            model.token_embedding.weight[vocab] = words.detach()
+        model.token_embedding.weight.requires_grad_(True)
+    model.eval()
+
+
+def _whitened_patch_embedding(visual, pixels: torch.Tensor, eps: float = 1e-2) -> None:
+    """Start the ViT's patch embedding as the whitened top principal components of the images' patches
+    (centred through the position embedding, as the patch convolution has no bias), and its position
+    embedding at unit scale, comparable to what the patches then give."""
+    import torch.nn.functional as F
+
+    conv, width = visual.conv1, visual.conv1.out_channels
+    p = conv.kernel_size[0]
+    patches = F.unfold(pixels, p, stride=p).transpose(1, 2).reshape(-1, 3 * p * p).double()
+    mean = patches.mean(0)
+    values, vectors = torch.linalg.eigh((patches - mean).T @ (patches - mean) / len(patches))
+    top = vectors[:, -width:].flip(1) / (values[-width:].flip(0) + eps).sqrt()
+    conv.weight.copy_(top.T.reshape(width, 3, p, p).float())
+    visual.positional_embedding.normal_(0.0, 1.0)
+    visual.positional_embedding[1:] -= (top.T @ mean).float()
+
+
+class _GroupSampler:
+    """Batches of small groups: images alike in all attributes but one, one image per value of that one
+    (shape with probability `shape`, each other attribute equally otherwise); the rest of the batch at
+    random. Images whose captions could not be read are only ever drawn at random."""
+
+    def __init__(self, keys: list, gen: torch.Generator):
+        self.keys, self.gen = keys, gen
+        self.known = [i for i, k in enumerate(keys) if k is not None]
+        self.by_key: dict[tuple, list[int]] = {}
+        for i in self.known:
+            self.by_key.setdefault(keys[i], []).append(i)
+        self.values = [sorted({k[a] for k in self.by_key}) for a in range(5)]
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(0, high, (1,), generator=self.gen))
+
+    def batch(self, size: int, group_fraction: float, shape: float, position: float) -> torch.Tensor:
+        chosen: list[int] = []
+        while self.known and len(chosen) < int(size * group_fraction):
+            anchor = self.keys[self.known[self._randint(len(self.known))]]
+            u = float(torch.rand(1, generator=self.gen))
+            if u < shape:
+                attr = 0
+            elif u < shape + position:
+                attr = 2
+            else:
+                attr = (1, 3, 4)[min(2, int((u - shape - position) / (1 - shape - position) * 3))]
+            for value in self.values[attr]:
+                same = self.by_key.get(anchor[:attr] + (value,) + anchor[attr + 1:])
+                if same:
+                    chosen.append(same[self._randint(len(same))])
+        chosen = chosen[:int(size * group_fraction)]
+        rest = torch.randint(0, len(self.keys), (size - len(chosen),), generator=self.gen)
+        return torch.cat([torch.tensor(chosen, dtype=torch.long), rest])
 
 
 def gpt2_dir(models_dir: str | Path) -> Path:
