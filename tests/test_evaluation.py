@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -16,6 +17,7 @@ from utils import evaluation
 from utils.evaluation import (PAPER_REFERENCE, MetricSkipped, clip_score, java_available, ref_clip_score,
                               references_by_image, results_table, score_captions, simple_tokenize,
                               write_results)
+from utils.datasets import make_embedded
 from utils.standins import clip_archive
 
 needs_java = pytest.mark.skipif(not java_available(), reason="Java is not installed (pycocoevalcap's PTB "
@@ -226,17 +228,32 @@ def standin_clip(models_dir):
     return model.eval(), preprocess
 
 
-def _images(n: int) -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (48 + 8 * k, 64, 3), dtype=np.uint8)) for k in range(n)]
+@pytest.fixture(scope="module")
+def drawings(tmp_path_factory):
+    """Four embedded-set drawings, and the captions of a few more: the stand-in CLIP's own world."""
+    folder = make_embedded(tmp_path_factory.mktemp("clipscore") / "embedded", n_images=20, seed=7)
+    captions: dict[str, list[str]] = {}
+    with open(folder / "captions.csv", newline="", encoding="utf-8") as f:
+        for name, caption in list(csv.reader(f))[1:]:
+            captions.setdefault(name, []).append(caption)
+    names = sorted(captions)
+    return [Image.open(folder / "images" / n).convert("RGB") for n in names[:4]], [captions[n] for n in names]
 
 
-# The stand-in CLIP has random weights: with the paper's prefix "A photo depicts" its image-text cosines
-# are all negative, so the by-hand checks use prefix="" where "blue sky" gives a positive cosine and
-# the others negative ones (both sides of max(cos, 0)); the tests check that this still holds.
-CANDIDATES = ["a red square", "blue sky", "", "a dog " * 60]  # empty and over-long captions too
-CAPTION_REFS = [["a small red box"], ["a blue ball", "blue sky"], ["a green triangle", "a triangle", "x"],
-                ["a dog"]]
+@pytest.fixture(scope="module")
+def case(standin_clip, drawings):
+    """Images, candidates and references chosen so that max(cos, 0) bites on both sides: image 0 gets the
+    caption of another drawing it fits worst (negative cosine), image 1 its own caption (positive), then
+    an empty and an over-long caption."""
+    model, preprocess = standin_clip
+    images, captions = drawings
+    pool = [c for caps in captions[1:] for c in caps]
+    worst = pool[int(np.argmin(_image_text_cos(model, preprocess, images[:1] * len(pool), pool)))]
+    candidates = [worst, captions[1][0], "", "a dog " * 60]
+    references = [[worst], [captions[1][1], captions[1][0]], ["a green triangle", "a triangle", "x"], ["a dog"]]
+    return images, candidates, references
+
+
 PREFIX = "A photo depicts "
 
 
@@ -258,57 +275,57 @@ def _text_text_cos(model, text, others):
                                                  dim=-1).double().numpy()
 
 
-def test_clip_score_is_w_times_clipped_cosine(standin_clip):
+def test_clip_score_is_w_times_clipped_cosine(standin_clip, case):
     model, preprocess = standin_clip
-    images = _images(4)
-    cos = _image_text_cos(model, preprocess, images, CANDIDATES)
-    assert cos.max() > 0 > cos.min(), "the stand-in CLIP changed: pick captions with cosines of both signs"
-    scores = clip_score(model, preprocess, images, CANDIDATES, "cpu", prefix="")
+    images, candidates, references = case
+    cos = _image_text_cos(model, preprocess, images, candidates)
+    assert cos[1] > 0.5 > 0 > cos[0], "the stand-in CLIP fits a drawing's own caption, not the worst one"
+    scores = clip_score(model, preprocess, images, candidates, "cpu", prefix="")
     assert scores.shape == (4,)
     np.testing.assert_allclose(scores, 2.5 * np.maximum(cos, 0), atol=1e-6)
-    np.testing.assert_allclose(clip_score(model, preprocess, images, CANDIDATES, "cpu", w=1.0, prefix=""),
+    np.testing.assert_allclose(clip_score(model, preprocess, images, candidates, "cpu", w=1.0, prefix=""),
                                scores / 2.5, atol=1e-6)
     # the default reads each caption as the paper's code does: "A photo depicts <caption>"
-    np.testing.assert_allclose(clip_score(model, preprocess, images, CANDIDATES, "cpu"),
-                               clip_score(model, preprocess, images, [PREFIX + c for c in CANDIDATES], "cpu",
+    np.testing.assert_allclose(clip_score(model, preprocess, images, candidates, "cpu"),
+                               clip_score(model, preprocess, images, [PREFIX + c for c in candidates], "cpu",
                                           prefix=""), atol=1e-6)
 
 
-def test_ref_clip_score_is_the_harmonic_mean(standin_clip):
+def test_ref_clip_score_is_the_harmonic_mean(standin_clip, case):
     model, preprocess = standin_clip
-    images = _images(4)
-    clip_s = clip_score(model, preprocess, images, CANDIDATES, "cpu", prefix="")
-    best = [max(0.0, *_text_text_cos(model, c, refs)) for c, refs in zip(CANDIDATES, CAPTION_REFS)]
+    images, candidates, references = case
+    clip_s = clip_score(model, preprocess, images, candidates, "cpu", prefix="")
+    best = [max(0.0, *_text_text_cos(model, c, refs)) for c, refs in zip(candidates, references)]
     expected = [2 * c * t / (c + t) if c + t > 0 else 0.0 for c, t in zip(clip_s, best)]
-    scores = ref_clip_score(model, preprocess, images, CANDIDATES, CAPTION_REFS, "cpu", prefix="")
+    scores = ref_clip_score(model, preprocess, images, candidates, references, "cpu", prefix="")
     np.testing.assert_allclose(scores, expected, atol=1e-6)
     assert clip_s[1] > 0 and best[1] == pytest.approx(1.0, abs=1e-5)  # the caption is one of its references
     assert scores[1] == pytest.approx(2 * clip_s[1] / (clip_s[1] + 1), abs=1e-5)
     assert clip_s[0] == 0 and best[0] > 0 and scores[0] == 0  # no fit to the image: references cannot save it
     np.testing.assert_allclose(  # the prefix goes before candidates and references alike
-        ref_clip_score(model, preprocess, images, CANDIDATES, CAPTION_REFS, "cpu"),
-        ref_clip_score(model, preprocess, images, [PREFIX + c for c in CANDIDATES],
-                       [[PREFIX + r for r in refs] for refs in CAPTION_REFS], "cpu", prefix=""), atol=1e-6)
+        ref_clip_score(model, preprocess, images, candidates, references, "cpu"),
+        ref_clip_score(model, preprocess, images, [PREFIX + c for c in candidates],
+                       [[PREFIX + r for r in refs] for refs in references], "cpu", prefix=""), atol=1e-6)
 
 
-def test_clip_scores_do_not_depend_on_batching_or_order(standin_clip):
+def test_clip_scores_do_not_depend_on_batching_or_order(standin_clip, case):
     model, preprocess = standin_clip
-    images = _images(4)
-    whole = clip_score(model, preprocess, images, CANDIDATES, "cpu", prefix="")
-    one_by_one = clip_score(model, preprocess, images, CANDIDATES, "cpu", prefix="", batch_size=1)
+    images, candidates, references = case
+    whole = clip_score(model, preprocess, images, candidates, "cpu", prefix="")
+    one_by_one = clip_score(model, preprocess, images, candidates, "cpu", prefix="", batch_size=1)
     np.testing.assert_allclose(one_by_one, whole, atol=1e-6)
-    alone = clip_score(model, preprocess, images[1:2], CANDIDATES[1:2], "cpu", prefix="")  # one pair alone
+    alone = clip_score(model, preprocess, images[1:2], candidates[1:2], "cpu", prefix="")  # one pair alone
     np.testing.assert_allclose(alone, whole[1:2], atol=1e-6)
     order = [2, 0, 3, 1]
     np.testing.assert_allclose(clip_score(model, preprocess, [images[i] for i in order],
-                                          [CANDIDATES[i] for i in order], "cpu", prefix="", batch_size=3),
+                                          [candidates[i] for i in order], "cpu", prefix="", batch_size=3),
                                whole[order], atol=1e-6)
-    refs = ref_clip_score(model, preprocess, images, CANDIDATES, CAPTION_REFS, "cpu", prefix="")
-    shuffled = ref_clip_score(model, preprocess, [images[i] for i in order], [CANDIDATES[i] for i in order],
-                              [CAPTION_REFS[i] for i in order], "cpu", prefix="", batch_size=1)
+    refs = ref_clip_score(model, preprocess, images, candidates, references, "cpu", prefix="")
+    shuffled = ref_clip_score(model, preprocess, [images[i] for i in order], [candidates[i] for i in order],
+                              [references[i] for i in order], "cpu", prefix="", batch_size=1)
     np.testing.assert_allclose(shuffled, refs[order], atol=1e-6)
     with pytest.raises(ValueError, match="one entry per image"):
-        clip_score(model, preprocess, images, CANDIDATES[:3], "cpu")
+        clip_score(model, preprocess, images, candidates[:3], "cpu")
 
 
 # -------------------------------------------------------------------------------------- results
