@@ -38,8 +38,7 @@ def _attribute_accuracy(predictions: dict[str, str], references: dict[str, list[
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mapper", ["transformer", pytest.param("mlp", marks=pytest.mark.skip(
-    reason="not yet measured with the trained stand-in CLIP; run it by hand before relying on it"))])
+@pytest.mark.parametrize("mapper", ["transformer", "mlp"])
 def test_captioner_learns_the_embedded_set(embedded_cache, data_dir, tmp_path, mapper):
     model_cfg, train_cfg = standin_preset()
     model_cfg = dataclasses.replace(model_cfg, mapper=mapper)
@@ -61,9 +60,10 @@ def test_captioner_learns_the_embedded_set(embedded_cache, data_dir, tmp_path, m
     base_cider = score_captions(baseline, references, metrics=("CIDEr",))["CIDEr"]
     report = f"{mapper}: attributes {accuracy} (baseline {base_accuracy}), CIDEr {cider:.3f} (baseline {base_cider:.3f})"
     print(report)
-    # measured on 2 CPU cores: colour 1.0, size 0.92, shape 0.45, position 0.14, background 0.57 against a
-    # baseline of 0.16 / 0.51 / 0.18 / 0.10 / 0.45; CIDEr 1.99 against 0.63
-    assert accuracy["colour"] >= 0.9 and accuracy["size"] >= 0.8, report
-    assert np.mean(list(accuracy.values())) >= np.mean(list(base_accuracy.values())) + 0.2, report
-    assert cider >= 2.5 * base_cider, report
+    # measured on 2 CPU cores (baseline: shape 0.18, colour 0.16, position 0.10, size 0.51, background 0.45,
+    # CIDEr 0.63): transformer 0.31 / 1.0 / 0.96 / 0.86 / 0.51, CIDEr 2.54; MLP 0.47 / 1.0 / 1.0 / 0.86 / 1.0,
+    # CIDEr 3.09. Shape is the stand-in CLIP's weak attribute (see tests/test_standins.py).
+    assert accuracy["colour"] >= 0.9 and accuracy["position"] >= 0.85 and accuracy["size"] >= 0.75, report
+    assert np.mean(list(accuracy.values())) >= np.mean(list(base_accuracy.values())) + 0.3, report
+    assert cider >= 3 * base_cider, report
     assert all(c.endswith(".") and len(c.split()) < 25 for c in captions), "captions stop at EOS"

@@ -202,7 +202,7 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
                 with sync:
                     loss = _step_loss(model, features[train_split.rows[idx].to(device)], ids, mask, labels, cfg)
                     accelerator.backward(loss / cfg.grad_accum)
-                loss_sum += float(loss) / cfg.grad_accum
+                loss_sum += float(loss.detach()) / cfg.grad_accum
                 samples += len(idx) * world
             _check_finite(loss_sum, state["step"], accelerator)
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
