@@ -223,11 +223,10 @@ def _separator(path: Path, separator: str) -> str:
 def _csv_entries(path: Path, sep: str, image_column: str, caption_column: str,
                  parsed: _Parsed) -> list[_Entry]:
     """The (where, image, caption) of each usable row; bad rows become problem lines, never exceptions."""
-    text = _read_text(path)
-    any_bad_bytes = _NOT_UTF8.search(text) is not None
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
-    header = next(reader, None)
-    if header is None:
+    lines = _read_text(path).split("\n")
+    any_bad_bytes = any(_NOT_UTF8.search(line) for line in lines)
+    header = next(csv.reader(lines[:1], delimiter=sep), None)
+    if not header:
         raise DatasetError(f"{path} is empty")
     columns = [c.strip() for c in header]
     missing = [c for c in (image_column, caption_column) if c not in columns]
@@ -237,18 +236,15 @@ def _csv_entries(path: Path, sep: str, image_column: str, caption_column: str,
             f"{columns}. Name the right ones with --image-column / --caption-column, or fix --separator.")
     i_image, i_caption = columns.index(image_column), columns.index(caption_column)
     entries: list[_Entry] = []
-    start = reader.line_num + 1
-    while True:
-        where = f"{path.name} line {start}"
+    # One row per line, parsed strictly: a quote opened and never closed would otherwise swallow every
+    # row after it into one caption, silently.
+    for number, line in enumerate(lines[1:], start=2):
+        where = f"{path.name} line {number}"
         try:
-            row = next(reader)
-        except StopIteration:
-            break
+            row = next(csv.reader([line.rstrip("\r")], delimiter=sep, strict=True), [])
         except csv.Error as exc:
-            parsed.skip(f"{where}: {exc}")
-            start = reader.line_num + 1
+            parsed.skip(f"{where}: {exc} (a quote opened and not closed? a caption must fit on one line)")
             continue
-        start = reader.line_num + 1
         if not row:
             continue  # a blank line is not a row
         if len(row) != len(columns):
@@ -693,8 +689,12 @@ def open_image(path: str | os.PathLike, draft: int | None = None) -> Image.Image
     return decode_image(_read_bytes(os.fspath(path)), draft)
 
 
-def decode_image(data: bytes, draft: int | None = None) -> Image.Image:
-    """`open_image` for bytes already in memory (an upload in a widget or the web demo)."""
+def decode_image(data: bytes, draft: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """`open_image` for bytes already in memory (an upload in a widget or the web demo).
+
+    `max_pixels` refuses an image that would decode to more pixels than that, before decoding it: a
+    server's memory stays bounded whatever is uploaded.
+    """
     if not data:
         raise UnreadableImage("zero bytes")
     fmt = next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
@@ -703,6 +703,9 @@ def decode_image(data: bytes, draft: int | None = None) -> Image.Image:
         fmt = img.format or fmt
         if draft and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (draft, draft))
+        if max_pixels and img.width * img.height > max_pixels:
+            raise UnreadableImage(f"too large: {img.width}x{img.height} pixels, over the limit of "
+                                  f"{max_pixels / 1e6:g} megapixels; shrink it first")
         img.load()
         return _to_rgb(img)
     except UnidentifiedImageError:
