@@ -44,3 +44,18 @@ def small_cache(data_dir) -> Path:
     data = DataConfig(dataset="embedded", data_dir=str(data_dir), max_images=240, val_fraction=0.1)
     return cache_features(load_records(data), FeatureConfig(num_workers=0, cache_dir=str(data_dir / "small-cache")),
                           data, RuntimeConfig(offline=True, device="cpu"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault matrix's line: how many faults were tried and whether any lost data or a message."""
+    outcomes = {}
+    for status in ("failed", "error", "skipped", "passed"):  # a test's worst outcome counts
+        for report in terminalreporter.stats.get(status, []):
+            if "fault" in report.keywords and (report.when == "call" or status != "passed"):
+                outcomes.setdefault(report.nodeid, status)
+    if outcomes:
+        counts = {s: sum(v == s for v in outcomes.values()) for s in ("passed", "failed", "error", "skipped")}
+        verdict = "none lost data" if counts["failed"] + counts["error"] == 0 else "SOME FAILED: see above"
+        terminalreporter.write_line(
+            f"fault matrix: {len(outcomes)} faults tried, {counts['passed']} handled as documented, "
+            f"{counts['skipped']} skipped, {counts['failed'] + counts['error']} failed: {verdict}")

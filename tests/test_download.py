@@ -47,6 +47,7 @@ def write_kaggle_json(folder, text='{"username": "ada", "key": "abc"}', mode=0o6
 
 # ---- find_credentials ---------------------------------------------------------------------------
 
+@pytest.mark.fault
 def test_no_credentials(isolated):
     assert dl.find_credentials() is None
 
@@ -83,6 +84,7 @@ def test_kaggle_config_dir_moves_kaggle_json(isolated, monkeypatch):
     assert dl.find_credentials() == str(path)
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("text", ["{not json", '{"username": "ada"}', "[]"])
 def test_malformed_kaggle_json_names_the_file(isolated, text):
     path = write_kaggle_json(isolated / "home" / ".kaggle", text=text)
@@ -162,6 +164,7 @@ def test_earlier_download_is_reused(isolated, capsys):
     assert "using the earlier download" in capsys.readouterr().out
 
 
+@pytest.mark.fault
 def test_offline_without_input_says_what_to_do(isolated):
     with pytest.raises(dl.DownloadError, match=r"no network\): attach the dataset .*--dataset embedded"):
         dl.download("flickr30k", isolated / "data", offline=True)
@@ -177,6 +180,7 @@ def test_stale_marker_is_not_trusted(isolated):
 
 # ---- download through the real kagglehub --------------------------------------------------------
 
+@pytest.mark.fault
 def test_no_dns_means_cannot_reach_kaggle(isolated, monkeypatch):
     """What kagglehub does on a machine without network: the name lookup of api.kaggle.com fails."""
     def no_dns(*args, **kwargs):
@@ -254,6 +258,7 @@ def test_download_records_and_reuses(isolated, fake_kaggle, capsys):
     (403, "ada", "accept the dataset's terms"),
     (404, "ada", "not found on Kaggle"),
 ])
+@pytest.mark.fault
 def test_refusals_through_the_real_client(isolated, fake_kaggle, monkeypatch, status, username, expected):
     fake_kaggle.status = status
     if username:
@@ -286,6 +291,7 @@ def kaggle_http_error(status: int, handle: str = FLICKR) -> KaggleApiHTTPError:
     (404, None, f"dataset {FLICKR} not found on Kaggle"),
     (500, "KAGGLE_API_TOKEN", "Kaggle answered 500"),
 ])
+@pytest.mark.fault
 def test_http_errors_are_explained(status, credentials, expected):
     error = dl.explain_failure(kaggle_http_error(status), FLICKR, credentials)
     assert isinstance(error, dl.DownloadError)

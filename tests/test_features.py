@@ -81,6 +81,7 @@ def _write_bad_images(folder):
             "notes.jpg": False, "missing.jpg": False}
 
 
+@pytest.mark.fault
 def test_unreadable_images_are_skipped_listed_and_counted(data_dir, tmp_path):
     expected = _write_bad_images(tmp_path / "imgs")
     rows = "".join(f"{name},a picture called {name}\n" for name in expected)
@@ -97,6 +98,7 @@ def test_unreadable_images_are_skipped_listed_and_counted(data_dir, tmp_path):
     assert np.isfinite(cache.features.astype(np.float32)).all()
 
 
+@pytest.mark.fault
 def test_cache_from_another_backbone_is_refused(data_dir, tmp_path):
     data = _embedded(data_dir, max_images=12)
     out = _cache(data, tmp_path / "c", chunk_size=8)
@@ -108,6 +110,7 @@ def test_cache_from_another_backbone_is_refused(data_dir, tmp_path):
         _cache(_embedded(data_dir, max_images=13), out, chunk_size=8)  # other images, same folder
 
 
+@pytest.mark.fault
 def test_incomplete_cache_is_refused_with_what_to_do(tmp_path):
     (tmp_path / "meta.json").write_text('{"format_version": 1, "complete": false}')
     with pytest.raises(FeatureCacheError, match="incomplete.*rerun"):
@@ -116,6 +119,7 @@ def test_incomplete_cache_is_refused_with_what_to_do(tmp_path):
         load_cache(tmp_path / "nothing")
 
 
+@pytest.mark.fault
 def test_kill_during_caching_then_rerun_equals_uninterrupted(data_dir, tmp_path):
     """kill -9 in the middle of a real `python -m utils features` run, rerun, compare with a clean run."""
     args = ["features", "--dataset", "embedded", "--max-images", "600", "--batch-size", "4",

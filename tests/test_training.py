@@ -127,6 +127,7 @@ def test_training_writes_history_checkpoints_and_a_bundle(small_cache, data_dir,
         train(small_cache, _model(), _quick(tmp_path / "run"), OFFLINE, data_dir)
 
 
+@pytest.mark.fault
 def test_resume_refuses_other_settings_and_pickled_code(small_cache, data_dir, tmp_path):
     train(small_cache, _model(), _quick(tmp_path / "run", max_steps=4), OFFLINE, data_dir)
     other = dataclasses.replace(_model(), prefix_length=7)
@@ -147,6 +148,7 @@ def test_resume_refuses_other_settings_and_pickled_code(small_cache, data_dir, t
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.fault
 def test_killed_run_resumed_ends_like_an_uninterrupted_one(small_cache, data_dir, tmp_path):
     """kill -9 a real `python -m utils train` after its first checkpoint, resume it, compare."""
     args = ["train", "--features", str(small_cache), "--epochs", "3", "--batch-size", "8", "--num-layers", "2",

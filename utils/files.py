@@ -7,10 +7,15 @@ and renaming it into place means a reader never sees half a cache chunk or half 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
+
+
+class DiskFull(OSError):
+    """The disk filled up while writing; what was there before is untouched."""
 
 
 @contextlib.contextmanager
@@ -24,6 +29,12 @@ def atomic_path(dest: str | os.PathLike):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFull(exc.errno, f"no space left on device while writing {dest}; nothing was replaced, so "
+                       f"what was saved before is intact. Free some space (df -h {dest.parent}) and run the "
+                       "same command again: finished work is reused (training: add --resume).") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -73,8 +73,9 @@ def announce_offline(what: str) -> None:
         return
     announce_offline.said = True
     bar = "!" * 78
-    print(f"{bar}\n!! OFFLINE MODE: {what}\n!! Stand-in models are tiny, with random weights: their captions"
-          f" and scores\n!! teach the mechanics only. With network, run without --offline.\n{bar}",
+    print(f"{bar}\n!! OFFLINE MODE: {what}\n!! Stand-in models are tiny (CLIP fitted briefly to synthetic drawings,"
+          f" GPT-2\n!! random): their captions and scores teach the mechanics only. With network,\n"
+          f"!! run without --offline.\n{bar}",
           file=sys.stderr, flush=True)
 
 

@@ -281,8 +281,9 @@ def _check_finite(loss: float, step: int, accelerator) -> None:
     non-finite loss means the weights are lost: stop before writing them into a checkpoint."""
     if math.isfinite(loss) or accelerator.mixed_precision == "fp16":
         return
-    raise TrainingError(f"the loss became {loss} at step {step}: training diverged. The last checkpoint "
-                        "is intact; resume it with a lower --lr or a longer --warmup-steps.")
+    raise TrainingError(f"the loss became {loss} at step {step}: training diverged, and nothing from this step "
+                        "on was saved (the last checkpoint is intact). Start a new run (another --out-dir) with a "
+                        "lower --lr or a longer --warmup-steps: --resume keeps the settings that diverged.")
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
@@ -306,8 +307,8 @@ def _save_checkpoint(path: Path, captioner: Captioner, optimizer, accelerator, s
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "state": state,
     }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(checkpoint, f)  # a file object: a full disk then raises OSError, not an opaque RuntimeError
 
 
 def _load_checkpoint(path: Path, captioner: Captioner, optimizer, accelerator, cache: FeatureCache,
