@@ -23,6 +23,20 @@ def models_dir(data_dir) -> Path:
     return data_dir / "models"
 
 
+def embedded_set(folder: Path, n_images: int, seed: int) -> dict[str, list[str]]:
+    """Generate an embedded set with `utils.datasets.make_embedded`; returns image file name -> captions."""
+    import csv
+
+    from utils.datasets import make_embedded
+
+    make_embedded(folder, n_images=n_images, seed=seed)
+    captions: dict[str, list[str]] = {}
+    with open(folder / "captions.csv", newline="", encoding="utf-8") as f:
+        for name, caption in list(csv.reader(f))[1:]:
+            captions.setdefault(name, []).append(caption)
+    return captions
+
+
 def run_cli(*args: str, data_dir: Path, timeout: float = 300, check: bool = True, **popen):
     """Run `python -m utils ...` the way a user does, offline, with its data under `data_dir`."""
     env = dict(os.environ, CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore")

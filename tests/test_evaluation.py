@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -13,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import embedded_set
 from utils import evaluation
 from utils.evaluation import (PAPER_REFERENCE, MetricSkipped, clip_score, java_available, ref_clip_score,
                               references_by_image, results_table, score_captions, simple_tokenize,
                               write_results)
-from utils.datasets import make_embedded
 from utils.standins import clip_archive
 
 needs_java = pytest.mark.skipif(not java_available(), reason="Java is not installed (pycocoevalcap's PTB "
@@ -231,11 +230,8 @@ def standin_clip(models_dir):
 @pytest.fixture(scope="module")
 def drawings(tmp_path_factory):
     """Four embedded-set drawings, and the captions of a few more: the stand-in CLIP's own world."""
-    folder = make_embedded(tmp_path_factory.mktemp("clipscore") / "embedded", n_images=20, seed=7)
-    captions: dict[str, list[str]] = {}
-    with open(folder / "captions.csv", newline="", encoding="utf-8") as f:
-        for name, caption in list(csv.reader(f))[1:]:
-            captions.setdefault(name, []).append(caption)
+    folder = tmp_path_factory.mktemp("clipscore") / "embedded"
+    captions = embedded_set(folder, n_images=20, seed=7)
     names = sorted(captions)
     return [Image.open(folder / "images" / n).convert("RGB") for n in names[:4]], [captions[n] for n in names]
 

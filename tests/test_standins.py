@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import clip
@@ -13,8 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import embedded_set
 from utils import standins
-from utils.datasets import EMBEDDED_ATTRIBUTES, make_embedded
+from utils.datasets import EMBEDDED_ATTRIBUTES
 
 
 def test_clip_vit_standin_loads_through_clip_load(models_dir):
@@ -48,12 +48,8 @@ def test_clip_standin_is_built_once_and_deterministically(models_dir, tmp_path):
 @pytest.fixture(scope="module")
 def course_set(tmp_path_factory):
     """The embedded set exactly as the course generates it (seed 0), never seen by the stand-in's training."""
-    folder = make_embedded(tmp_path_factory.mktemp("course") / "embedded", n_images=1200, seed=0)
-    captions: dict[str, list[str]] = {}
-    with open(folder / "captions.csv", newline="", encoding="utf-8") as f:
-        for name, caption in list(csv.reader(f))[1:]:
-            captions.setdefault(name, []).append(caption)
-    return folder, captions
+    folder = tmp_path_factory.mktemp("course") / "embedded"
+    return folder, embedded_set(folder, n_images=1200, seed=0)
 
 
 def test_clip_vit_standin_is_trained_on_private_drawings_only(models_dir):
