@@ -22,11 +22,18 @@ if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$VENV/.installed"
 fi
-# METEOR and the PTB tokenizer of pycocoevalcap need Java; install it where we may (best effort).
-if ! command -v java >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing Java for the METEOR metric"
-  (apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null) \
-    || echo "could not install Java: METEOR will be skipped (apt-get install default-jre-headless)" >&2
+# Best effort, where we may: Java for METEOR and the PTB tokenizer of pycocoevalcap, Chromium for the web
+# demo's browser test. Without them, METEOR and that test are skipped, saying so.
+apt_missing=()
+command -v java >/dev/null 2>&1 || apt_missing+=(default-jre-headless)
+[ -x /usr/bin/chromium ] || apt_missing+=(chromium)
+if [ ${#apt_missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing ${apt_missing[*]} (Java for the METEOR metric, Chromium for the web demo's browser test)"
+  apt-get update -qq >/dev/null 2>&1 || true
+  for pkg in "${apt_missing[@]}"; do
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null 2>&1 \
+      || echo "could not install $pkg: what needs it will be skipped (apt-get install $pkg)" >&2
+  done
 fi
 
 cmd=${1:-main}

@@ -28,7 +28,7 @@ def test_every_config_field_is_a_flag_and_defaults_stay_the_dataclass_defaults()
         parser.parse_args(["--dataset", "imagenet"])
 
 
-@pytest.mark.parametrize("command", ["info", "download", "features", "course", "bench"])
+@pytest.mark.parametrize("command", ["info", "download", "features", "course", "bench", "serve"])
 def test_each_command_explains_itself(command, data_dir):
     out = run_cli(command, "--help", data_dir=data_dir).stdout
     assert "--offline" in out and "--device" in out

@@ -1,0 +1,265 @@
+"""The web demo: its app driven through Flask's test client, then `python -m utils serve` driven through a
+real headless Chromium, each caption shown checked against the captioner's own for the same settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from utils.captioner import Captioner
+from utils.config import DecodeConfig, RuntimeConfig, standin_preset
+from utils.features import load_cache
+from utils.plots import figures_dir
+from utils.serve import MAX_BYTES, bundle_title, create_app, validation_examples
+from utils.training import train
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The stand-ins are so small that two threads spend their time waiting on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bundle(small_cache, data_dir, tmp_path_factory) -> Path:
+    """A stand-in captioner trained for 150 steps (10 s): few enough, yet its captions read as sentences,
+    which the screenshot should show. Its bundle names the small cache, whose validation split is the gallery."""
+    model_cfg, train_cfg = standin_preset()
+    out = tmp_path_factory.mktemp("serve") / "embedded-mlp"
+    return train(small_cache, dataclasses.replace(model_cfg, mapper="mlp"),
+                 dataclasses.replace(train_cfg, max_steps=150, out_dir=str(out)),
+                 RuntimeConfig(offline=True, device="cpu"), data_dir).bundle
+
+
+@pytest.fixture(scope="module")
+def captioner(bundle, models_dir):
+    captioner = Captioner.from_pretrained(bundle)
+    captioner.image_encoder(models_dir)  # its stand-in CLIP, from this session's models
+    return captioner
+
+
+@pytest.fixture(scope="module")
+def client(captioner, bundle):
+    return create_app(captioner, validation_examples(captioner), title=bundle_title(bundle)).test_client()
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def photo() -> Image.Image:
+    image = Image.new("RGB", (300, 200), (40, 90, 230))
+    image.paste((236, 236, 230), (0, 0, 150, 200))
+    return image
+
+
+def post(client, upload: tuple[bytes, str] | None = None, **fields) -> tuple[int, dict]:
+    data = {k: str(v) for k, v in fields.items()}
+    if upload is not None:
+        data["image"] = (io.BytesIO(upload[0]), upload[1])
+    reply = client.post("/caption", data=data, content_type="multipart/form-data")
+    return reply.status_code, reply.get_json()
+
+
+def expected(captioner, image, decode: DecodeConfig) -> list[str]:
+    captions = captioner.caption([image], decode)[0]
+    return [captions] if isinstance(captions, str) else captions
+
+
+# ------------------------------------------------------------------------------ the app, test client
+
+
+def test_the_page_is_one_self_contained_file(client):
+    page = client.get("/").get_data(as_text=True)
+    for control in ('id="upload"', 'type="file"', 'value="greedy"', 'value="beam"', 'value="sample"',
+                    'id="temperature"', 'id="top_p"', 'id="num_beams"', 'id="num_return_sequences"', 'id="seed"'):
+        assert control in page
+    assert page.count('<img src="data:image/png;base64,') == 12, "the gallery: 12 validation images, inline"
+    assert "http://" not in page and "https://" not in page, "no asset from elsewhere: the demo works offline"
+    assert "Stand-in model" in page and "embedded-mlp" in page
+
+
+def test_an_upload_gets_the_captioners_own_captions_for_each_setting(client, captioner):
+    status, reply = post(client, (png(photo()), "mine.png"), method="beam", num_beams=3, num_return_sequences=2)
+    assert status == 200 and reply["name"] == "mine.png" and reply["preview"].startswith("data:image/png;base64,")
+    assert reply["captions"] == expected(captioner, photo(), DecodeConfig(method="beam", num_beams=3,
+                                                                          num_return_sequences=2))
+    assert reply["call"] == "captioner.caption([image], method='beam', num_beams=3, num_return_sequences=2)"
+    token = reply["token"]  # the same image under other settings: only the LM runs again
+    status, reply = post(client, token=token, method="sample", temperature=0.7, top_p=0.9, num_return_sequences=4,
+                         seed=5, num_beams=99)  # a knob the method does not read is not read
+    decode = DecodeConfig(method="sample", temperature=0.7, top_p=0.9, num_return_sequences=4, seed=5)
+    assert status == 200 and DecodeConfig(**reply["decode"]) == decode
+    assert reply["captions"] == expected(captioner, photo(), decode) and len(reply["captions"]) == 4
+    status, reply = post(client, token=token, method="beam", num_beams=2, num_return_sequences=5)
+    assert len(reply["captions"]) == 2, "beam search returns at most num_beams captions"
+    status, reply = post(client, token=token, method="greedy", num_return_sequences=4)
+    assert reply["captions"] == expected(captioner, photo(), DecodeConfig())
+    assert reply["call"] == "captioner.caption([image], method='greedy')"
+
+
+def test_a_gallery_image_is_captioned_as_its_file(client, captioner):
+    name, path = next(iter(validation_examples(captioner).items()))
+    status, reply = post(client, example=0)
+    assert status == 200 and reply["name"] == name
+    assert reply["captions"] == expected(captioner, path, DecodeConfig())
+
+
+@pytest.mark.parametrize("content, reason", [(b"these are not pixels", "not an image"), (b"", "zero bytes"),
+                                             (png(photo())[:300], "truncated PNG")])
+def test_a_bad_upload_gets_a_clear_message_and_the_server_goes_on(client, captioner, content, reason):
+    _, good = post(client, (png(photo()), "mine.png"))
+    status, reply = post(client, (content, "notes.png"))
+    assert status == 400 and f"notes.png cannot be captioned: {reason}" in reply["error"]
+    assert "Upload a photo (JPEG, PNG" in reply["error"] and "10 MB" in reply["error"]
+    status, again = post(client, token=good["token"])
+    assert status == 200 and again["captions"] == good["captions"]
+
+
+def test_too_large_uploads_are_refused_before_they_are_decoded(captioner):
+    client = create_app(captioner, max_bytes=20_000, max_pixels=100 * 100).test_client()
+    status, reply = post(client, (os.urandom(30_000), "huge.jpg"))
+    assert status == 413 and "MB limit: shrink the photo" in reply["error"]
+    status, reply = post(client, (png(photo()), "wide.png"))  # small file, too many pixels
+    assert status == 400 and "300x200 pixels, over the limit of 0.01 megapixels" in reply["error"]
+    status, reply = post(client, (png(photo().resize((60, 40))), "small.png"))
+    assert status == 200 and reply["captions"] == expected(captioner, photo().resize((60, 40)), DecodeConfig())
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "sample", "temperature": "warm"}, "temperature must be a number, not 'warm'"),
+    ({"method": "beam", "num_beams": 50}, "beams must be between 1 and 10, not 50"),
+    ({"method": "sample", "top_p": 0}, "top-p must be between 0.05 and 1, not 0"),
+    ({"method": "magic"}, "method must be one of greedy, beam, sample"),
+    ({}, "Upload a photo or pick an example first"),
+    ({"token": "0123456789abcdef"}, "no longer holds that image"),
+    ({"example": 99}, "There is no example '99'"),
+])
+def test_requests_the_page_cannot_make_are_refused_saying_what_to_do(client, fields, message):
+    status, reply = post(client, **fields)
+    assert status == 400 and message in reply["error"]
+
+
+# ------------------------------------------------------------------------- the server, a real browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(bundle, data_dir, tmp_path):
+    """`python -m utils serve` on 127.0.0.1 and a free port, as a user starts it; killed at the end."""
+    port, log_path = _free_port(), tmp_path / "serve.log"
+    env = dict(os.environ, CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "utils", "serve", "--model", str(bundle), "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url, local = f"http://127.0.0.1:{port}/", urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"serve exited ({proc.returncode}):\n{log_path.read_text()}"
+            try:
+                local.open(url, timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"serve did not answer in 180 s:\n{log_path.read_text()}"
+                time.sleep(0.5)
+        yield url
+        assert proc.poll() is None, f"serve stopped during the test:\n{log_path.read_text()}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+def shown(page, name: str, call: str) -> list[str]:
+    """The captions on the page once it shows `name` captioned by `call`."""
+    page.wait_for_function("([name, call]) => document.getElementById('name').textContent === name && "
+                           "document.getElementById('call').textContent === call && "
+                           "document.getElementById('captions').getAttribute('aria-busy') === 'false'",
+                           arg=[name, call])
+    return page.locator("#captions li").all_inner_texts()
+
+
+@pytest.mark.slow
+def test_the_demo_in_a_real_browser(server, captioner, small_cache):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (see requirements.txt)")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (course.sh does, where it may)")
+    images = load_cache(small_cache).images
+    upload = Path(images.loc[images["split"] == "test", "image_path"].iloc[0])
+    first_name, first_path = next(iter(validation_examples(captioner).items()))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"], timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 820})
+            page.set_default_timeout(60_000)
+            page.goto(server)
+            greedy = "captioner.caption([image], method='greedy')"  # the first example is captioned on load
+            assert shown(page, first_name, greedy) == expected(captioner, first_path, DecodeConfig())
+
+            page.set_input_files("#upload", upload)
+            assert shown(page, upload.name, greedy) == expected(captioner, upload, DecodeConfig())
+            assert page.is_disabled("#num_beams") and page.is_disabled("#temperature")
+
+            page.check("input[name=method][value=beam]")
+            page.fill("#num_beams", "3")
+            beam = DecodeConfig(method="beam", num_beams=3, num_return_sequences=3)
+            call = "captioner.caption([image], method='beam', num_beams=3, num_return_sequences=3)"
+            assert shown(page, upload.name, call) == expected(captioner, upload, beam)
+            assert page.is_enabled("#num_beams") and page.is_disabled("#temperature")
+
+            page.check("input[name=method][value=sample]")
+            page.fill("#temperature", "0.7")
+            page.click("#again")  # seed 0 -> 1: a new draw
+            sample = DecodeConfig(method="sample", temperature=0.7, num_return_sequences=3, seed=1)
+            call = ("captioner.caption([image], method='sample', temperature=0.7, top_p=1.0, "
+                    "num_return_sequences=3, seed=1)")
+            captions = shown(page, upload.name, call)
+            assert captions == expected(captioner, upload, sample) and len(captions) == 3
+
+            page.set_input_files("#upload", files=[{"name": "huge.jpg", "mimeType": "image/jpeg",
+                                                    "buffer": b"\xff" * (MAX_BYTES + 1)}])
+            page.wait_for_selector("#message:has-text('huge.jpg is larger than the limit')")
+            page.set_input_files("#upload", files=[{"name": "notes.txt", "mimeType": "text/plain",
+                                                    "buffer": b"these are not pixels"}])
+            page.wait_for_selector("#message:has-text('notes.txt cannot be captioned: not an image')")
+            assert page.locator("#captions li").all_inner_texts() == captions, "the last captions stay shown"
+            out = figures_dir() / "web_demo.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(out), full_page=True)
+
+            page.click("#again")  # the server is still there after the bad uploads
+            call = call.replace("seed=1", "seed=2")
+            assert shown(page, upload.name, call) == expected(captioner, upload, DecodeConfig(
+                method="sample", temperature=0.7, num_return_sequences=3, seed=2))
+            assert page.is_hidden("#message")
+        finally:
+            browser.close()
