@@ -79,10 +79,15 @@ def cmd_features(args, captions=None) -> Path:
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
     feats = from_arguments(FeatureConfig, args)
     out = cache_features(captions or _captions(data, runtime), feats, data, runtime)
-    m = load_cache(out).meta
+    cache = load_cache(out)
+    m = cache.meta
     print(f"feature cache ready at {out}: {m['num_images']} images, {m['num_captions']} captions, "
           f"{m['clip_dim']}-d {m['backbone']}; {m['num_skipped']} unreadable image(s)"
           + (f" listed in {out / 'skipped.csv'}" if m["num_skipped"] else ""))
+    for path, reason in cache.skipped[["image_path", "reason"]].head(10).itertuples(index=False):
+        print(f"  skipped {path}: {reason}")
+    if m["num_skipped"] > 10:
+        print(f"  ... and {m['num_skipped'] - 10} more")
     return out
 
 
@@ -90,7 +95,6 @@ def cmd_train(args):
     """Train on a feature cache; offline, the stand-in preset is the base the flags change."""
     from .features import default_cache_dir
     from .runtime import is_offline
-    from .standins import clip_standin_name
     from .training import train
 
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
@@ -98,8 +102,7 @@ def cmd_train(args):
     model_base, train_base = standin_preset() if offline else (ModelConfig(), TrainConfig())
     model_cfg = from_arguments(ModelConfig, args, model_base)
     train_cfg = from_arguments(TrainConfig, args, train_base)
-    backbone = clip_standin_name(model_cfg.backbone) if offline else model_cfg.backbone
-    cache = args.features or default_cache_dir(data, backbone)
+    cache = args.features or default_cache_dir(data, model_cfg.backbone, offline)
     result = train(cache, model_cfg, train_cfg, runtime, data.data_dir)
     val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a (no validation split)"
     print(f"trained {result.steps} steps; best validation loss {val}\n"
@@ -208,6 +211,37 @@ def cmd_course(args) -> None:
     cmd_evaluate(args, captioner)
 
 
+def cmd_serve(args) -> None:
+    """The web demo of a trained captioner, until Ctrl+C; the page's knobs start from the decoding flags."""
+    from .serve import bundle_title, create_app, validation_examples
+
+    decode = decode_config(**given_arguments(DecodeConfig, args))
+    captioner = _load_captioner(args)
+    if args.examples:
+        examples = {Path(p).name: p for p in _image_files([args.examples])[:24]}
+    else:
+        examples = validation_examples(captioner)
+        if not examples:
+            print(f"no example gallery: no validation images in the feature cache the bundle was trained on "
+                  f"({captioner.summary.get('features') or 'not named'}) here; show a folder with --examples DIR",
+                  file=sys.stderr)
+    app = create_app(captioner, examples, decode, title=bundle_title(args.model))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"serving on {args.host}: anyone who can reach this machine can use the demo", file=sys.stderr)
+    where = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host  # an address a browser can open
+    print(f"the demo of {args.model}: open http://{where}:{args.port}/ (Ctrl+C stops it)", flush=True)
+    app.run(host=args.host, port=args.port, threaded=True)
+
+
+def cmd_import_clipcap(args) -> None:
+    """The ClipCap paper's released weights as a bundle that `caption` and `evaluate` take."""
+    from .clipcap_import import describe, import_clipcap
+
+    captioner = import_clipcap(args.weights, args.out, _runtime(args), **given_arguments(ModelConfig, args))
+    print(f"imported {describe(captioner)}\ncaptioner bundle: {args.out}\n"
+          f"try it: python -m utils caption --model {args.out} IMAGE_OR_DIR")
+
+
 def cmd_bench(args) -> None:
     """Each benchmark measures ours and the ClipCap way in the same run and writes a results table."""
     from . import bench
@@ -263,8 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
                      [DataConfig, FeatureConfig])
     add_arguments(course, ModelConfig, only=("mapper", "lm"))
     add_arguments(course, TrainConfig, only=("epochs", "max_steps", "lr"))
-    for p in (caption, evaluate, course):  # --seed is RuntimeConfig's, and seeds sampling too
+    serve = command("serve", cmd_serve, "a web page: upload a photo, turn the decoding knobs, read the captions")
+    serve.add_argument("--model", required=True, help="captioner bundle folder (training writes <run>/captioner)")
+    serve.add_argument("--port", type=int, default=5002)
+    serve.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only (0.0.0.0: the network)")
+    serve.add_argument("--examples", default=None, metavar="DIR",
+                       help="a folder of images for the gallery (default: the validation images of the bundle's "
+                            "feature cache)")
+    for p in (caption, evaluate, course, serve):  # --seed is RuntimeConfig's, and seeds sampling too
         add_arguments(p, DecodeConfig, skip=("seed",))
+    clipcap = command("import-clipcap", cmd_import_clipcap,
+                      "turn the ClipCap paper's released weights into a captioner bundle")
+    clipcap.add_argument("weights", metavar="WEIGHTS.pt", help="coco_weights.pt, conceptual_weights.pt or "
+                         "transformer_weights.pt from github.com/rmokady/CLIP_prefix_caption")
+    clipcap.add_argument("--out", required=True, help="folder for the bundle")
+    add_arguments(clipcap, ModelConfig, only=("backbone", "mapper", "prefix_length", "lm", "num_heads"))
     bench = command("bench", cmd_bench, "measure features / training / captioning against the ClipCap way")
     bench.add_argument("what", nargs="?", default="features", choices=("features", "training", "captioning", "all"))
     bench.add_argument("--images", type=int, default=32, help="images per measurement (features, captioning)")
@@ -276,18 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .captioner import CaptionerError
+    from .clipcap_import import ClipCapImportError
     from .datasets import DatasetError
     from .download import DownloadError
     from .evaluation import EvaluationError
     from .features import FeatureCacheError
+    from .files import DiskFull
     from .runtime import GPUUnsupported
     from .training import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DatasetError, DecodeConfigError, DownloadError, EvaluationError, FeatureCacheError, GPUUnsupported,
-            TrainingError, FileNotFoundError) as exc:  # FileNotFoundError: --model is not a bundle
+    except (CaptionerError, ClipCapImportError, DatasetError, DecodeConfigError, DiskFull, DownloadError,
+            EvaluationError, FeatureCacheError, GPUUnsupported, TrainingError,
+            FileNotFoundError) as exc:  # FileNotFoundError: --model is not a bundle
         sys.exit(f"error: {exc}")
 
 

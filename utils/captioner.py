@@ -32,6 +32,22 @@ from .standins import STANDIN_PREFIX, gpt2_dir, is_standin
 BUNDLE_VERSION = 1
 
 
+class CaptionerError(ValueError):
+    """A bundle that cannot be loaded, or inputs this captioner cannot take (CLIP embeddings of another
+    width); the message says what to do."""
+
+
+def language_model_source(name: str, offline: bool, models_dir: str | Path) -> tuple[str, str]:
+    """Where `from_pretrained` reads the LM `name` (hub name or folder) from, and the name checkpoints
+    record; offline, the stand-in GPT-2."""
+    if offline and not Path(name).is_dir():
+        announce_offline(f"language model '{name}' replaced by the tiny stand-in GPT-2")
+        return str(gpt2_dir(models_dir)), STANDIN_PREFIX + "gpt2"
+    if name.startswith(STANDIN_PREFIX):
+        return str(gpt2_dir(models_dir)), name
+    return name, name
+
+
 def load_language_model(name: str, offline: bool, models_dir: str | Path):
     """`from_pretrained` the LM and its tokenizer by hub name or folder; offline, the stand-in GPT-2.
 
@@ -39,12 +55,7 @@ def load_language_model(name: str, offline: bool, models_dir: str | Path):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, recorded = name, name
-    if offline and not Path(name).is_dir():
-        announce_offline(f"language model '{name}' replaced by the tiny stand-in GPT-2")
-        source, recorded = str(gpt2_dir(models_dir)), STANDIN_PREFIX + "gpt2"
-    elif name.startswith(STANDIN_PREFIX):
-        source = str(gpt2_dir(models_dir))
+    source, recorded = language_model_source(name, offline, models_dir)
     tokenizer = AutoTokenizer.from_pretrained(source)
     lm = AutoModelForCausalLM.from_pretrained(source)
     return lm, tokenizer, recorded
@@ -120,11 +131,24 @@ class Captioner(nn.Module):
         positions = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", 1024)
         # prefix + caption must fit the LM's positions (ClipCap crashed on long captions past 1024)
         self.max_caption_tokens = min(config.max_caption_tokens, positions - config.prefix_length)
+        # generate() ends a caption at any of these
+        self.stop_ids = [tokenizer.eos_token_id] + self._token_id(config.stop_token)
 
     # ---- text ---------------------------------------------------------------------------------------
+    def _token_id(self, token: str | None) -> list[int]:
+        if token is None:
+            return []
+        ids = self.tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise CaptionerError(f"stop_token {token!r} is {len(ids)} tokens for this tokenizer, not one: "
+                                 "choose a single token such as '.'.")
+        return ids
+
     def encode_captions(self, captions: list[str]) -> tuple[list[list[int]], int]:
         """Token ids + EOS per caption, cut to fit; returns (ids, how many were cut)."""
         eos, limit = self.tokenizer.eos_token_id, self.max_caption_tokens
+        if not len(captions):  # an empty split (no validation images): the tokenizer fails on []
+            return [], 0
         ids = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
         cut = sum(len(x) > limit - 1 for x in ids)
         return [x[: limit - 1] + [eos] for x in ids], cut
@@ -143,6 +167,10 @@ class Captioner(nn.Module):
     # ---- model --------------------------------------------------------------------------------------
     def prefix(self, clip_embed: torch.Tensor) -> torch.Tensor:
         # clip_embed: (B, clip_dim)
+        if clip_embed.shape[-1] != self.config.clip_dim:  # ClipCap's users mixed 512/640/768-d features up
+            raise CaptionerError(f"these CLIP embeddings are {clip_embed.shape[-1]}-d, but this captioner reads the "
+                                 f"{self.config.clip_dim}-d embeddings of {self.config.backbone}: make the features "
+                                 f"with --backbone {self.config.backbone}.")
         x = clip_embed.float()
         if self.config.normalize_prefix:
             x = F.normalize(x, dim=-1)
@@ -184,8 +212,9 @@ class Captioner(nn.Module):
             for start in range(0, len(clip_embed), batch_size):
                 prefix = self.prefix(clip_embed[start:start + batch_size].to(device)).to(dtype)  # (b, P, D)
                 mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)  # (b, P)
-                out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, eos_token_id=eos, pad_token_id=eos,
-                                       tokenizer=self.tokenizer, **kwargs)  # (b * num_return_sequences, new tokens)
+                out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, eos_token_id=self.stop_ids,
+                                       pad_token_id=eos, tokenizer=self.tokenizer,
+                                       **kwargs)  # (b * num_return_sequences, new tokens)
                 texts += [" ".join(t.split()) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         self.train(was_training)
         n = decode.num_return_sequences
@@ -301,16 +330,21 @@ class Captioner(nn.Module):
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a captioner bundle (no config.json): train one with "
-                                    "`python -m utils train` or export one from a checkpoint.")
+            raise CaptionerError(f"{path} is not a captioner bundle (no config.json): train one with "
+                                 "`python -m utils train` or export one from a checkpoint.")
         meta = read_json(path / "config.json")
         if meta.get("bundle_version") != BUNDLE_VERSION:
-            raise ValueError(f"{path} is a version {meta.get('bundle_version')} bundle; this course reads "
-                             f"version {BUNDLE_VERSION}.")
+            raise CaptionerError(f"{path} is a version {meta.get('bundle_version')} bundle; this course reads "
+                                 f"version {BUNDLE_VERSION}.")
         config = ModelConfig(**meta["model"])
         lm = AutoModelForCausalLM.from_pretrained(path / "lm")
         model = cls(config, lm, AutoTokenizer.from_pretrained(path / "lm"))
-        model.mapper.load_state_dict(load_file(str(path / "mapper.safetensors")))
+        try:  # safetensors holds tensors only: a file carrying pickled code fails here, unexecuted
+            model.mapper.load_state_dict(load_file(str(path / "mapper.safetensors")))
+        except Exception as exc:  # safetensors' own error types vary between its versions
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CaptionerError(f"{path}: mapper.safetensors is damaged or does not fit config.json ({reason}); "
+                                 "copy or make the bundle again.") from None
         model.summary = meta.get("summary", {})
         return model.to(device).eval()
 

@@ -75,6 +75,7 @@ class ModelConfig:
     train_first_blocks: int = 0  # partial: how many of the LM's first blocks learn
     train_last_blocks: int = 2  # partial: how many of the LM's last blocks learn (with its final norm)
     max_caption_tokens: int = 40  # captions are cut to this many tokens (EOS included)
+    stop_token: str | None = None  # also end captions at this token ("." for ClipCap's weights: they never learned EOS)
 
 
 @dataclass

@@ -5,7 +5,7 @@ training epoch from "decode and encode 31k images" into "read a 31k x 512 array"
 in chunks, each written atomically, so a dropped Kaggle/Colab session resumes where it stopped.
 
 Layout of a cache folder:
-    meta.json       backbone, width, resolution, dtype, counts, fingerprints, complete flag
+    meta.json       backbone, width, resolution, dtype, counts, fingerprints (the captions file's too), complete flag
     features.npy    (N, clip_dim) float16, one row per readable image, not normalised
     images.csv      feature_row, image_id, image_path, split
     captions.csv    feature_row, image_id, caption, split (one row per caption)
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +118,10 @@ def encode_images(model, preprocess, paths: list[str], batches: list[list[int]],
         yield positions.numpy()[ok], feats, bad
 
 
-def default_cache_dir(data: DataConfig, backbone_name: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", backbone_name).strip("-")
+def default_cache_dir(data: DataConfig, backbone: str, offline: bool = False) -> Path:
+    """data_dir/features/<dataset>-<backbone>; offline, the stand-in's name, so the two never mix."""
+    name = clip_standin_name(backbone) if offline else backbone
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
     return Path(data.data_dir) / "features" / f"{data.dataset}-{slug}"
 
 
@@ -151,8 +154,19 @@ def cache_features(captions: Captions, cfg: FeatureConfig, data: DataConfig,
         _fill_chunks(model, preprocess, paths, todo, cfg, device, chunks_dir, done=n_chunks - len(todo))
     if not (out / "features.npy").is_file():
         _finalize(out, images, n_chunks)
+    if read_json(out / "meta.json")["num_images"] == 0:
+        _refuse_empty(out, len(images))
     _write_captions_index(out, captions)
     return out
+
+
+def _refuse_empty(out: Path, listed: int) -> None:
+    """A cache without one image only fails later, in training: drop it (it holds nothing) and say why now."""
+    skipped = pd.read_csv(out / "skipped.csv")
+    reasons = "; ".join(f"{p}: {r}" for p, r in skipped[["image_path", "reason"]].head(3).itertuples(index=False))
+    shutil.rmtree(out)
+    raise FeatureCacheError(f"none of the {listed} images could be read ({reasons}). Are the images where the "
+                            "captions say (--images-dir)?")
 
 
 def _fill_chunks(model, preprocess, paths, todo, cfg, device, chunks_dir, done):
@@ -230,8 +244,30 @@ def _write_captions_index(out: Path, captions: Captions) -> None:
     _write_csv(out / "captions.csv", frame[["feature_row", "image_id", "caption", "split"]])
     meta = read_json(out / "meta.json")
     meta.update(num_captions=len(frame), captions_fingerprint=_fingerprint(
-        f"{i}\t{c}" for i, c in zip(frame["image_id"], frame["caption"])))
+        f"{i}\t{c}" for i, c in zip(frame["image_id"], frame["caption"])), captions_file=_file_stamp(captions.source))
     write_json(out / "meta.json", meta)
+
+
+def _file_stamp(source: str) -> dict | None:
+    """Path and content hash of a captions file (None for a folder), so a later edit is noticed."""
+    path = Path(source)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"path": str(path.resolve()), "sha256": h.hexdigest()}
+
+
+def _check_captions_file(path: Path, meta: dict) -> None:
+    """Refuse a cache whose captions file was edited after it was read (ClipCap reused a token cache keyed
+    by file name after the data changed); a file no longer there is fine: the cache holds its captions."""
+    stamp = meta.get("captions_file")
+    if stamp and Path(stamp["path"]).is_file() and _file_stamp(stamp["path"]) != stamp:
+        raise FeatureCacheError(f"{stamp['path']} changed after the feature cache at {path} read its captions: "
+                                "rerun `python -m utils features` with the flags that made the cache (or notebook "
+                                "02) to read them again; no image is encoded again.")
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
@@ -275,6 +311,7 @@ def load_cache(path: str | Path, backbone: str | None = None) -> FeatureCache:
     if not meta.get("complete") or not (path / "features.npy").is_file():
         raise FeatureCacheError(f"The feature cache at {path} is incomplete (interrupted?): rerun "
                                 "`python -m utils features` with the same settings to finish it.")
+    _check_captions_file(path, meta)
     if backbone is not None and meta["backbone"] != backbone:
         raise FeatureCacheError(f"The feature cache at {path} holds {meta['backbone']} features, not "
                                 f"{backbone}: use a cache made with {backbone}, or train with --backbone "
