@@ -23,6 +23,17 @@ def models_dir(data_dir) -> Path:
     return data_dir / "models"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The stand-ins are so small that two threads spend their time waiting on each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def embedded_set(folder: Path, n_images: int, seed: int) -> dict[str, list[str]]:
     """Generate an embedded set with `utils.datasets.make_embedded`; returns image file name -> captions."""
     import csv

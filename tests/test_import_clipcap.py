@@ -26,12 +26,7 @@ OFFLINE = RuntimeConfig(offline=True, device="cpu")
 CLIP_DIM, HEADS = 64, 8  # the stand-in CLIP's width; ClipCap's transformer always has 8 heads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:

@@ -28,13 +28,7 @@ from utils.training import train
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The stand-ins are so small that two threads spend their time waiting on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

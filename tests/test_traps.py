@@ -40,12 +40,7 @@ from utils.training import TrainingError, build_captioner, epoch_order, make_spl
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
