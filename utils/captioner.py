@@ -234,10 +234,9 @@ class Captioner(nn.Module):
             name = self.config.backbone
             models_dir = Path(models_dir or Path(default_data_dir()) / "models")
             standin = is_standin(name)
-            model, preprocess, _ = load_clip(name.removeprefix(STANDIN_PREFIX) if standin else name,
-                                             self.mapper_device, standin, models_dir)
+            model, preprocess, _ = load_clip(name, self.mapper_device, standin, models_dir)
             if model.visual.output_dim != self.config.clip_dim:
-                raise ValueError(f"CLIP {name} gives {model.visual.output_dim}-d embeddings but this captioner "
+                raise CaptionerError(f"CLIP {name} gives {model.visual.output_dim}-d embeddings but this captioner "
                                  f"was trained on {self.config.clip_dim}-d ones: its bundle is inconsistent.")
             self._clip = (model.requires_grad_(False), preprocess)  # a tuple: not a submodule, never saved
         return self._clip

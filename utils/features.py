@@ -33,7 +33,7 @@ from .config import DataConfig, FeatureConfig, RuntimeConfig
 from .datasets import Captions, UnreadableImage, open_image
 from .files import atomic_path, read_json, write_json
 from .runtime import announce_offline, is_offline, resolve_device
-from .standins import clip_archive, clip_standin_name
+from .standins import clip_archive, clip_standin_name, is_standin
 
 FORMAT_VERSION = 1
 # Settings that decide what the numbers in features.npy mean: a cache that differs in any is refused.
@@ -70,8 +70,10 @@ def load_clip(backbone: str, device: torch.device, offline: bool, models_dir: st
 
     models_dir = Path(models_dir)
     if offline:
-        announce_offline(f"CLIP '{backbone}' replaced by the tiny stand-in {clip_standin_name(backbone)}")
-        source, name = str(clip_archive(backbone, models_dir)), clip_standin_name(backbone)
+        name = clip_standin_name(backbone)
+        announce_offline(f"CLIP {name}, the tiny stand-in this captioner was trained on" if is_standin(backbone)
+                         else f"CLIP '{backbone}' replaced by the tiny stand-in {name}")
+        source = str(clip_archive(backbone, models_dir))
     else:
         source, name = backbone, backbone
     model, preprocess = clip.load(source, device=device, jit=False, download_root=str(models_dir / "clip"))

@@ -79,8 +79,10 @@ def is_standin(name: str) -> bool:
 
 
 def clip_standin_name(backbone: str) -> str:
-    """'ViT-B/32' -> 'standin:ViT' (RN* names get the ResNet stand-in), as recorded in caches."""
-    return STANDIN_PREFIX + ("RN" if str(backbone).upper().startswith("RN") else "ViT")
+    """'ViT-B/32' -> 'standin:ViT' (RN* names get the ResNet stand-in), as recorded in caches; a stand-in
+    name stays itself."""
+    kind = str(backbone).removeprefix(STANDIN_PREFIX)
+    return STANDIN_PREFIX + ("RN" if kind.upper().startswith("RN") else "ViT")
 
 
 def clip_archive(backbone: str, models_dir: str | Path) -> Path:
