@@ -25,7 +25,9 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
+from utils.captioner import Captioner, CaptionerError
 from utils.config import ModelConfig, RuntimeConfig, TrainConfig
+from utils.datasets import UnreadableImage, decode_image
 from utils.features import load_cache
 from utils.files import DiskFull
 from utils.training import train
@@ -157,23 +159,35 @@ def test_every_usable_row_is_in_the_cache(bad_run):
 
 def test_caption_file_naming_only_missing_images(data_dir, tmp_path):
     (tmp_path / "imgs").mkdir()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "notes.txt").write_text("the user's own file")
     (tmp_path / "caps.csv").write_text("image,caption\nnowhere.jpg,a dog\nelsewhere.jpg,a cat\n")
     proc = run_cli("features", "--dataset", "csv", "--path", str(tmp_path / "caps.csv"), "--images-dir",
                    str(tmp_path / "imgs"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
                    data_dir=data_dir, check=False)
     _refused(proc, "none of the 2 images could be read", "nowhere.jpg: missing file", "--images-dir")
     assert "2 of 2 images named in caps.csv are missing on disk" in proc.stdout
-    assert not (tmp_path / "cache").exists(), "no empty cache is left to be mistaken for a finished one"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["notes.txt"], \
+        "no empty cache is left to be mistaken for a finished one, and nothing else is removed"
 
 
-@pytest.mark.parametrize("content", [b"", b"image,caption\n", b"\xff\xfe\x00garbage"], ids=["empty", "header only",
-                                                                                          "binary"])
+@pytest.mark.parametrize("content", [b"", b"image,caption\n", b"\xff\xfe\x00garbage", b'"image,caption\na.jpg,x\n'],
+                         ids=["empty", "header only", "binary", "broken header"])
 def test_caption_file_with_nothing_usable(data_dir, tmp_path, content):
     (tmp_path / "caps.csv").write_bytes(content)
     proc = run_cli("features", "--dataset", "csv", "--path", str(tmp_path / "caps.csv"), "--cache-dir",
                    str(tmp_path / "cache"), "--device", "cpu", data_dir=data_dir, check=False)
     _refused(proc, "caps.csv")
     assert not (tmp_path / "cache").exists()
+
+
+def test_old_mac_line_endings(data_dir, tmp_path):
+    """Excel for Mac's "CSV (Macintosh)" ends lines with a bare CR."""
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.jpg")
+    (tmp_path / "caps.csv").write_bytes(b"image,caption\ra.jpg,a red picture\ra.jpg,all red\r")
+    run_cli("features", "--dataset", "csv", "--path", str(tmp_path / "caps.csv"), "--cache-dir",
+            str(tmp_path / "cache"), "--device", "cpu", data_dir=data_dir)
+    assert sorted(load_cache(tmp_path / "cache").captions["caption"]) == ["a red picture", "all red"]
 
 
 # ---------------------------------------------------------------------------- checkpoints and bundles
@@ -232,7 +246,8 @@ def test_checkpoint_carrying_code_via_cli(small_cache, data_dir, tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("damage", ["pickled code", "truncated", "another width"])
+@pytest.mark.parametrize("damage", ["pickled code", "truncated", "another prefix length", "truncated LM",
+                                    "broken config"])
 def test_damaged_bundle_is_refused_by_caption(trained, data_dir, tmp_path, damage):
     bundle = shutil.copytree(trained / "captioner", tmp_path / "bundle")
     weights = bundle / "mapper.safetensors"
@@ -241,6 +256,11 @@ def test_damaged_bundle_is_refused_by_caption(trained, data_dir, tmp_path, damag
             pickle.dump(_Exploit(tmp_path / "pwned"), f)
     elif damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "truncated LM":
+        lm = bundle / "lm" / "model.safetensors"
+        lm.write_bytes(lm.read_bytes()[:1000])
+    elif damage == "broken config":
+        (bundle / "config.json").write_text('{"bundle_version": 1, "model": {"mapper": ')
     else:
         config = (bundle / "config.json").read_text()
         (bundle / "config.json").write_text(config.replace('"prefix_length": 10', '"prefix_length": 12'))
@@ -283,3 +303,24 @@ def test_disk_full_while_writing_a_checkpoint(small_cache, data_dir, tmp_path):
     assert not list(tmp_path.glob(".checkpoint.pt.tmp-*")), "no temporary file is left behind"
     resumed = train(small_cache, model, _quick(tmp_path, max_steps=4, resume=True), offline, data_dir)
     assert torch.load(checkpoint, weights_only=True)["state"]["step"] == 4 and resumed.bundle.exists()
+
+
+def test_a_bundle_never_replaces_a_folder_that_is_not_one(trained, tmp_path):
+    """`import-clipcap --out ~/Downloads` must not swap the user's folder for a bundle."""
+    folder = tmp_path / "Downloads"
+    folder.mkdir()
+    (folder / "photo.jpg").write_bytes(b"precious")
+    captioner = Captioner.from_pretrained(trained / "captioner")
+    with pytest.raises(CaptionerError, match="exists and is not a captioner bundle"):
+        captioner.save_pretrained(folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["Downloads"] and (folder / "photo.jpg").read_bytes() == b"precious"
+    captioner.save_pretrained(tmp_path / "bundle")
+    captioner.save_pretrained(tmp_path / "bundle")  # a bundle does replace the bundle it updates
+    assert Captioner.from_pretrained(tmp_path / "bundle").config == captioner.config
+
+
+def test_postscript_is_never_handed_to_ghostscript():
+    """Pillow opens EPS by running Ghostscript on it: an uploaded file must never get that far."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
+    with pytest.raises(UnreadableImage, match=r"^not an image"):
+        decode_image(eps)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import DecodeConfig, ModelConfig, decode_config
 from .datasets import UnreadableImage, _to_rgb, open_image
-from .features import load_clip
+from .features import draft_size, load_clip
 from .files import atomic_dir, read_json, write_json
 from .mapper import build_mapper
 from .runtime import announce_offline, default_data_dir
@@ -255,9 +255,8 @@ class Captioner(nn.Module):
         for start in range(0, len(images), batch_size):
             pixels = []
             for image in images[start:start + batch_size]:
-                try:  # as the cache: JPEGs decoded at a reduced scale still twice the model's input
-                    rgb = _to_rgb(image) if isinstance(image, Image.Image) else \
-                        open_image(image, draft=2 * model.visual.input_resolution)
+                try:
+                    rgb = _to_rgb(image) if isinstance(image, Image.Image) else open_image(image, draft_size(model))
                     pixels.append(preprocess(rgb))  # (3, H, W)
                     reasons.append("")
                 except UnreadableImage as exc:
@@ -314,6 +313,10 @@ class Captioner(nn.Module):
         """A self-contained folder: config.json, mapper.safetensors, the LM and its tokenizer."""
         from safetensors.torch import save_file
 
+        path = Path(path)
+        if path.exists() and not (path / "config.json").is_file() and any(path.iterdir()):
+            raise CaptionerError(f"{path} exists and is not a captioner bundle: a bundle replaces its folder "
+                                 "whole, so choose a new folder for it (nothing was written).")
         with atomic_dir(path) as tmp:
             self.lm.save_pretrained(tmp / "lm")
             self.tokenizer.save_pretrained(tmp / "lm")
@@ -331,19 +334,21 @@ class Captioner(nn.Module):
         if not (path / "config.json").is_file():
             raise CaptionerError(f"{path} is not a captioner bundle (no config.json): train one with "
                                  "`python -m utils train` or export one from a checkpoint.")
-        meta = read_json(path / "config.json")
-        if meta.get("bundle_version") != BUNDLE_VERSION:
-            raise CaptionerError(f"{path} is a version {meta.get('bundle_version')} bundle; this course reads "
-                                 f"version {BUNDLE_VERSION}.")
-        config = ModelConfig(**meta["model"])
-        lm = AutoModelForCausalLM.from_pretrained(path / "lm")
-        model = cls(config, lm, AutoTokenizer.from_pretrained(path / "lm"))
         try:  # safetensors holds tensors only: a file carrying pickled code fails here, unexecuted
+            meta = read_json(path / "config.json")
+            if meta.get("bundle_version") != BUNDLE_VERSION:
+                raise CaptionerError(f"{path} is a version {meta.get('bundle_version')} bundle; this course reads "
+                                     f"version {BUNDLE_VERSION}.")
+            config = ModelConfig(**meta["model"])
+            lm = AutoModelForCausalLM.from_pretrained(path / "lm")
+            model = cls(config, lm, AutoTokenizer.from_pretrained(path / "lm"))
             model.mapper.load_state_dict(load_file(str(path / "mapper.safetensors")))
-        except Exception as exc:  # safetensors' own error types vary between its versions
+        except CaptionerError:
+            raise
+        except Exception as exc:  # JSON, config, transformers and safetensors each fail in their own way
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CaptionerError(f"{path}: mapper.safetensors is damaged or does not fit config.json ({reason}); "
-                                 "copy or make the bundle again.") from None
+            raise CaptionerError(f"{path} is damaged or its parts do not fit its config.json ({reason}); copy or "
+                                 "make the bundle again.") from None
         model.summary = meta.get("summary", {})
         return model.to(device).eval()
 

@@ -223,9 +223,13 @@ def _separator(path: Path, separator: str) -> str:
 def _csv_entries(path: Path, sep: str, image_column: str, caption_column: str,
                  parsed: _Parsed) -> list[_Entry]:
     """The (where, image, caption) of each usable row; bad rows become problem lines, never exceptions."""
-    lines = _read_text(path).split("\n")
+    lines = re.split(r"\r\n|\r|\n", _read_text(path))  # Windows, old Mac ("CSV (Macintosh)") and Unix ends
     any_bad_bytes = any(_NOT_UTF8.search(line) for line in lines)
-    header = next(csv.reader(lines[:1], delimiter=sep), None)
+    try:
+        header = next(csv.reader(lines[:1], delimiter=sep, strict=True), None)
+    except csv.Error as exc:
+        raise DatasetError(f"{path} line 1, the header: {exc}; it should name the columns, such as "
+                           f"image{sep}caption") from None
     if not header:
         raise DatasetError(f"{path} is empty")
     columns = [c.strip() for c in header]
@@ -241,7 +245,7 @@ def _csv_entries(path: Path, sep: str, image_column: str, caption_column: str,
     for number, line in enumerate(lines[1:], start=2):
         where = f"{path.name} line {number}"
         try:
-            row = next(csv.reader([line.rstrip("\r")], delimiter=sep, strict=True), [])
+            row = next(csv.reader([line], delimiter=sep, strict=True), [])
         except csv.Error as exc:
             parsed.skip(f"{where}: {exc} (a quote opened and not closed? a caption must fit on one line)")
             continue
@@ -689,6 +693,14 @@ def open_image(path: str | os.PathLike, draft: int | None = None) -> Image.Image
     return decode_image(_read_bytes(os.fspath(path)), draft)
 
 
+@functools.lru_cache(maxsize=1)
+def _decodable_formats() -> tuple[str, ...]:
+    """Every format Pillow reads but EPS, which it hands to Ghostscript: an upload to the web demo must
+    never run a PostScript program."""
+    Image.init()
+    return tuple(f for f in Image.ID if f != "EPS")
+
+
 def decode_image(data: bytes, draft: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """`open_image` for bytes already in memory (an upload in a widget or the web demo).
 
@@ -699,7 +711,7 @@ def decode_image(data: bytes, draft: int | None = None, max_pixels: int | None =
         raise UnreadableImage("zero bytes")
     fmt = next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=_decodable_formats())
         fmt = img.format or fmt
         if draft and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (draft, draft))

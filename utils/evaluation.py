@@ -34,6 +34,7 @@ import torch
 from .captioner import image_name
 from .config import DecodeConfig
 from .datasets import UnreadableImage, open_image
+from .features import draft_size
 from .files import write_json
 
 METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -497,7 +498,7 @@ def _clip_scores_of_files(captioner, paths: list[str], captions: list[str], refe
         ok, images = [], []
         for i in range(start, min(start + batch_size, len(paths))):
             try:
-                images.append(open_image(paths[i], draft=2 * model.visual.input_resolution))
+                images.append(open_image(paths[i], draft=draft_size(model)))
                 ok.append(i)
             except UnreadableImage as exc:
                 unreadable.append(f"{paths[i]} ({exc})")

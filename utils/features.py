@@ -80,18 +80,24 @@ def load_clip(backbone: str, device: torch.device, offline: bool, models_dir: st
     return model.eval(), preprocess, name
 
 
+def draft_size(model) -> int:
+    """JPEGs decode at a reduced scale still twice CLIP's input: much faster, and the same pixels after
+    `preprocess`. The cache, captioning, CLIPScore and the web demo must all decode alike."""
+    return 2 * model.visual.input_resolution
+
+
 class _ImageFiles(Dataset):
     """Decodes and preprocesses one image; a bad one yields its reason instead of failing the batch."""
 
-    def __init__(self, paths: list[str], preprocess, resolution: int):
-        self.paths, self.preprocess, self.resolution = paths, preprocess, resolution
+    def __init__(self, paths: list[str], preprocess, resolution: int, draft: int):
+        self.paths, self.preprocess, self.resolution, self.draft = paths, preprocess, resolution, draft
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:  # JPEGs decode at a reduced scale still twice the model's input: much faster, same crop
-            return i, self.preprocess(open_image(self.paths[i], draft=2 * self.resolution)), ""
+        try:
+            return i, self.preprocess(open_image(self.paths[i], draft=self.draft)), ""
         except UnreadableImage as exc:
             n = self.resolution
             return i, torch.zeros(3, n, n), str(exc) or "unreadable"
@@ -103,7 +109,7 @@ def encode_images(model, preprocess, paths: list[str], batches: list[list[int]],
 
     Batches are given explicitly so a resumed run groups images exactly as an uninterrupted one.
     """
-    loader = DataLoader(_ImageFiles(paths, preprocess, model.visual.input_resolution), batch_sampler=batches,
+    loader = DataLoader(_ImageFiles(paths, preprocess, model.visual.input_resolution, draft_size(model)), batch_sampler=batches,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
     use_fp16 = fp16 and device.type == "cuda"
@@ -163,10 +169,15 @@ def cache_features(captions: Captions, cfg: FeatureConfig, data: DataConfig,
 
 
 def _refuse_empty(out: Path, listed: int) -> None:
-    """A cache without one image only fails later, in training: drop it (it holds nothing) and say why now."""
+    """A cache without one image only fails later, in training: remove what this run wrote (it holds
+    nothing; the folder goes too if nothing else is in it) and say why now."""
     skipped = pd.read_csv(out / "skipped.csv")
     reasons = "; ".join(f"{p}: {r}" for p, r in skipped[["image_path", "reason"]].head(3).itertuples(index=False))
-    shutil.rmtree(out)
+    for name in ("meta.json", "features.npy", "images.csv", "skipped.csv"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "chunks", ignore_errors=True)
+    if not any(out.iterdir()):
+        out.rmdir()
     raise FeatureCacheError(f"none of the {listed} images could be read ({reasons}). Are the images where the "
                             "captions say (--images-dir)?")
 

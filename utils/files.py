@@ -19,22 +19,30 @@ class DiskFull(OSError):
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike):
-    """Yield a temporary path beside `dest`; on success it is fsynced and renamed onto `dest`."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+def _disk_full_says_so(dest: Path):
+    """Turn a full disk into one message: the writers below never replace anything before they finish."""
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        yield
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise DiskFull(exc.errno, f"no space left on device while writing {dest}; nothing was replaced, so "
                        f"what was saved before is intact. Free some space (df -h {dest.parent}) and run the "
                        "same command again: finished work is reused (training: add --resume).") from None
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike):
+    """Yield a temporary path beside `dest`; on success it is fsynced and renamed onto `dest`."""
+    dest = Path(os.path.abspath(dest))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        with _disk_full_says_so(dest):
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -42,18 +50,25 @@ def atomic_path(dest: str | os.PathLike):
 
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike):
-    """Yield a temporary folder beside `dest`; on success it replaces `dest` whole."""
-    dest = Path(dest)
+    """Yield a temporary folder beside `dest`; on success it replaces `dest` whole. Whatever fails, `dest`
+    is either the old folder or the new one."""
+    dest = Path(os.path.abspath(dest))  # "." has no name to put a temporary one beside
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    moved = False
     try:
-        yield tmp
-        if dest.exists():
-            dest.rename(old)
-        tmp.rename(dest)
+        with _disk_full_says_so(dest):
+            yield tmp
+            if dest.exists():
+                dest.rename(old)
+                moved = True
+            tmp.rename(dest)
+            moved = False
     finally:
+        if moved:  # the new folder could not take its place: put the old one back
+            old.rename(dest)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
