@@ -49,8 +49,10 @@ def embedded_set(folder: Path, n_images: int, seed: int) -> dict[str, list[str]]
 
 
 def run_cli(*args: str, data_dir: Path, timeout: float = 300, check: bool = True, **popen):
-    """Run `python -m utils ...` the way a user does, offline, with its data under `data_dir`."""
-    env = dict(os.environ, CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore")
+    """Run `python -m utils ...` the way a user does, offline, with its data under `data_dir`, on one thread
+    as the in-process tests compute (`one_thread`), so a near-tie in an argmax breaks the same way in both."""
+    env = dict(os.environ, CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "utils", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, **popen)
     if check and proc.returncode != 0:

@@ -201,6 +201,7 @@ def test_settings_that_contradict_the_file_are_refused(gpt, models_dir, tmp_path
     for settings, message in [
             (dict(prefix_length=10), "prefix_length=10, but the file's shapes say 4"),
             (dict(mapper="mlp"), "mapper='mlp', but the file's shapes say 'transformer'"),
+            (dict(num_heads=4), "num_heads=4, but ClipCap's mapper always has 8"),  # no shape records the heads
             (dict(backbone="ViT-B/32"), "takes 64-d CLIP embeddings, but ViT-B/32 gives 512-d ones: pass --backbone "
                                         "standin:ViT or standin:RN"),
             ({}, "64-d CLIP embeddings, which no released ClipCap file does: pass --backbone standin:ViT")]:
@@ -246,6 +247,10 @@ def test_cli_refuses_a_file_of_the_wrong_shape_in_one_line(gpt, data_dir, tmp_pa
         _save(state, tmp_path / "coco_weights.pt"), data_dir, tmp_path)
     assert "holds no ClipCap mapper" in _refused(_save({"weight": torch.zeros(2)}, tmp_path / "other.pt"), data_dir,
                                                  tmp_path)
+    for key in ("clip_project.transformer.layers.x.norm1.weight", "clip_project.transformer.layers.².norm1.weight"):
+        state = transformer_file(gpt) | {key: torch.zeros(64)}
+        assert f"{key} is not a layer's tensor" in _refused(_save(state, tmp_path / "transformer_weights.pt"),
+                                                            data_dir, tmp_path)
 
 
 def test_cli_refuses_a_pickle_carrying_code_without_running_it(data_dir, tmp_path):

@@ -6,23 +6,25 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from utils.captioner import Captioner
 from utils.config import DecodeConfig, RuntimeConfig, standin_preset
 from utils.features import load_cache
 from utils.plots import figures_dir
-from utils.serve import MAX_BYTES, bundle_title, create_app, validation_examples
+from utils.datasets import DatasetError
+from utils.serve import MAX_BYTES, bundle_title, create_app, folder_examples, validation_examples
 from utils.training import train
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -147,41 +149,65 @@ def test_too_large_uploads_are_refused_before_they_are_decoded(captioner):
     ({}, "Upload a photo or pick an example first"),
     ({"token": "0123456789abcdef"}, "no longer holds that image"),
     ({"example": 99}, "There is no example '99'"),
+    ({"example": "²"}, "There is no example '²'"),  # a digit, but not a decimal one: int() refuses it
 ])
 def test_requests_the_page_cannot_make_are_refused_saying_what_to_do(client, fields, message):
     status, reply = post(client, **fields)
     assert status == 400 and message in reply["error"]
 
 
+def test_the_gallery_says_where_its_images_come_from(client, captioner, tmp_path):
+    assert "12 validation images of the training data." in client.get("/").get_data(as_text=True)
+    for colour in ("red", "navy"):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"{colour}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    examples = folder_examples(tmp_path)
+    assert examples == {"navy.png": str(tmp_path / "navy.png"), "red.png": str(tmp_path / "red.png")}
+    page = create_app(captioner, examples, examples_are=f"images of the folder {tmp_path}").test_client().get("/")
+    assert f"2 images of the folder {tmp_path}." in page.get_data(as_text=True)
+
+
+def test_a_bundle_naming_no_feature_cache_has_no_gallery(small_cache, monkeypatch):
+    monkeypatch.chdir(small_cache)  # a cache in the current folder is not the bundle's
+    assert validation_examples(SimpleNamespace(summary={})) == {}
+
+
+def test_an_examples_folder_that_cannot_be_shown_is_refused_in_one_line(bundle, data_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"these are not pixels")
+    for folder, message in [("missing", "no such folder"), ("empty", "it holds no image files (.jpg"),
+                            ("broken", "none of its image files can be read (a.png: not an image")]:
+        with pytest.raises(DatasetError, match=re.escape(f"--examples {tmp_path / folder}: {message}")):
+            folder_examples(tmp_path / folder)
+    proc = run_cli("serve", "--model", str(bundle), "--examples", str(tmp_path / "missing"), "--port", "0",
+                   data_dir=data_dir, check=False, timeout=120)
+    assert proc.returncode != 0 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: --examples {tmp_path / 'missing'}: no such folder")
+
+
 # ------------------------------------------------------------------------- the server, a real browser
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def server(bundle, data_dir, tmp_path):
-    """`python -m utils serve` on 127.0.0.1 and a free port, as a user starts it; killed at the end."""
-    port, log_path = _free_port(), tmp_path / "serve.log"
+    """`python -m utils serve --port 0` on 127.0.0.1, as a user starts it: it binds a free port itself and
+    prints its address (no port picked here that another program could take first); killed at the end."""
+    log_path = tmp_path / "serve.log"
     env = dict(os.environ, CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1")  # one thread, as in this process: a near-tie in an argmax breaks alike
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "utils", "serve", "--model", str(bundle), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "utils", "serve", "--model", str(bundle), "--port", "0"],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url, local = f"http://127.0.0.1:{port}/", urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    local = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         deadline = time.monotonic() + 180
-        while True:
+        while not (printed := re.search(r"open (http://127\.0\.0\.1:\d+/)", log_path.read_text())):
             assert proc.poll() is None, f"serve exited ({proc.returncode}):\n{log_path.read_text()}"
-            try:
-                local.open(url, timeout=5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"serve did not answer in 180 s:\n{log_path.read_text()}"
-                time.sleep(0.5)
+            assert time.monotonic() < deadline, f"serve did not start in 180 s:\n{log_path.read_text()}"
+            time.sleep(0.5)
+        url = printed.group(1)
+        local.open(url, timeout=60).close()  # it listens before it prints the address
         yield url
         assert proc.poll() is None, f"serve stopped during the test:\n{log_path.read_text()}"
     finally:

@@ -213,24 +213,36 @@ def cmd_course(args) -> None:
 
 def cmd_serve(args) -> None:
     """The web demo of a trained captioner, until Ctrl+C; the page's knobs start from the decoding flags."""
-    from .serve import bundle_title, create_app, validation_examples
+    from werkzeug.serving import make_server
+
+    from .serve import VALIDATION, bundle_title, create_app, folder_examples, validation_examples
 
     decode = decode_config(**given_arguments(DecodeConfig, args))
+    if args.examples:  # checked before the captioner loads: a wrong folder fails at once
+        examples, examples_are = folder_examples(args.examples), f"images of the folder {args.examples}"
     captioner = _load_captioner(args)
-    if args.examples:
-        examples = {Path(p).name: p for p in _image_files([args.examples])[:24]}
-    else:
-        examples = validation_examples(captioner)
+    if not args.examples:
+        examples, examples_are = validation_examples(captioner), VALIDATION
         if not examples:
             print(f"no example gallery: no validation images in the feature cache the bundle was trained on "
                   f"({captioner.summary.get('features') or 'not named'}) here; show a folder with --examples DIR",
                   file=sys.stderr)
-    app = create_app(captioner, examples, decode, title=bundle_title(args.model))
+    app = create_app(captioner, examples, decode, title=bundle_title(args.model), examples_are=examples_are)
+    try:  # port 0: a free port, the one printed below
+        server = make_server(args.host, args.port, app, threaded=True)  # a port in use: werkzeug says so, exits 1
+    except OSError as exc:
+        sys.exit(f"error: cannot serve on {args.host} port {args.port}: {exc.strerror or exc}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"serving on {args.host}: anyone who can reach this machine can use the demo", file=sys.stderr)
-    where = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host  # an address a browser can open
-    print(f"the demo of {args.model}: open http://{where}:{args.port}/ (Ctrl+C stops it)", flush=True)
-    app.run(host=args.host, port=args.port, threaded=True)
+    where = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)  # an address a browser can open
+    where = f"[{where}]" if ":" in where else where  # IPv6 goes in brackets in a URL
+    print(f"the demo of {args.model}: open http://{where}:{server.port}/ (Ctrl+C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def cmd_import_clipcap(args) -> None:
@@ -299,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(course, TrainConfig, only=("epochs", "max_steps", "lr"))
     serve = command("serve", cmd_serve, "a web page: upload a photo, turn the decoding knobs, read the captions")
     serve.add_argument("--model", required=True, help="captioner bundle folder (training writes <run>/captioner)")
-    serve.add_argument("--port", type=int, default=5002)
+    serve.add_argument("--port", type=int, default=5002, help="0: any free port (the one printed)")
     serve.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only (0.0.0.0: the network)")
     serve.add_argument("--examples", default=None, metavar="DIR",
                        help="a folder of images for the gallery (default: the validation images of the bundle's "
@@ -311,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     clipcap.add_argument("weights", metavar="WEIGHTS.pt", help="coco_weights.pt, conceptual_weights.pt or "
                          "transformer_weights.pt from github.com/rmokady/CLIP_prefix_caption")
     clipcap.add_argument("--out", required=True, help="folder for the bundle")
-    add_arguments(clipcap, ModelConfig, only=("backbone", "mapper", "prefix_length", "lm", "num_heads"))
+    add_arguments(clipcap, ModelConfig, only=("backbone", "mapper", "prefix_length", "lm"))
     bench = command("bench", cmd_bench, "measure features / training / captioning against the ClipCap way")
     bench.add_argument("what", nargs="?", default="features", choices=("features", "training", "captioning", "all"))
     bench.add_argument("--images", type=int, default=32, help="images per measurement (features, captioning)")
@@ -338,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (CaptionerError, ClipCapImportError, DatasetError, DecodeConfigError, DiskFull, DownloadError,
             EvaluationError, FeatureCacheError, GPUUnsupported, TrainingError,
-            FileNotFoundError) as exc:  # FileNotFoundError: --model is not a bundle
+            FileNotFoundError) as exc:  # FileNotFoundError: a path given on the command line is not there
         sys.exit(f"error: {exc}")
 
 

@@ -57,6 +57,8 @@ def import_clipcap(weights: str | Path, out: str | Path, runtime: RuntimeConfig 
     found = shapes_config(state, path)
     conflicts = [f"{k}={settings[k]!r}, but the file's shapes say {v!r}" for k, v in found.items()
                  if k in settings and settings[k] != v]
+    if settings.get("num_heads", CLIPCAP_HEADS) != CLIPCAP_HEADS:  # not in the shapes: another count reads them wrong
+        conflicts.append(f"num_heads={settings['num_heads']!r}, but ClipCap's mapper always has {CLIPCAP_HEADS}")
     if conflicts:
         raise ClipCapImportError(f"{path} does not fit the settings given: {'; '.join(conflicts)}. Leave those "
                                  "settings out: they are read from the file.")
@@ -120,7 +122,12 @@ def shapes_config(state: dict[str, torch.Tensor], path: Path) -> dict:
     # transformer: clip tokens + a constant prefix through pre-LN layers
     linear = _tensor(state, "clip_project.linear.weight", path)  # (C*D, clip_dim)
     const = _tensor(state, "clip_project.prefix_const", path)  # (P, D)
-    layers = {int(k.split(".")[3]) for k in state if k.startswith("clip_project.transformer.layers.")}
+    layer_keys = [k for k in state if k.startswith("clip_project.transformer.layers.")]
+    for k in layer_keys:  # clip_project.transformer.layers.<i>.<tensor>
+        if not k.split(".")[3].isdecimal():  # "x", "" or "²" (a digit int() refuses)
+            raise ClipCapImportError(f"{path}: {k} is not a layer's tensor (clip_project.transformer.layers.<number>."
+                                     "<name>): is it one of the paper's files?")
+    layers = {int(k.split(".")[3]) for k in layer_keys}
     if linear.shape[0] % width or const.shape[1] != width or not layers or layers != set(range(len(layers))):
         raise ClipCapImportError(f"{path}: the transformer mapper's shapes (linear {tuple(linear.shape)}, "
                                  f"prefix_const {tuple(const.shape)}, layers {sorted(layers)}) do not fit "

@@ -22,14 +22,14 @@ from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .config import _METHOD_ONLY, DecodeConfig, DecodeConfigError, decode_config
-from .datasets import UnreadableImage, decode_image, open_image
+from .datasets import IMAGE_SUFFIXES, DatasetError, UnreadableImage, decode_image, open_image
 from .features import FeatureCacheError, load_cache
 from .standins import is_standin
 
 MAX_BYTES = 10 * 1024 * 1024  # an upload over 10 MB is refused before it is read
 MAX_PIXELS = 50_000_000  # and an image over 50 megapixels before it is decoded
 KEEP = 32  # images whose embeddings are kept; an older upload must be sent again
-EXAMPLES = 12  # validation images in the gallery
+EXAMPLES = 12  # images in the gallery
 PREVIEW, THUMB = 320, 88  # pixels on the long edge of the shown image and of a gallery thumbnail
 
 
@@ -63,22 +63,51 @@ class Seen(NamedTuple):
     preview: str  # data: URL
 
 
+VALIDATION = "validation images of the training data"  # what the gallery shows by default
+
+
 def validation_examples(captioner, limit: int = EXAMPLES) -> dict[str, str]:
     """name -> path of the first validation images of the feature cache the bundle was trained on;
     empty when the bundle names no cache or the cache is not on this machine."""
+    features = getattr(captioner, "summary", {}).get("features")
+    if not features:  # load_cache("") would read the current folder
+        return {}
     try:
-        cache = load_cache(getattr(captioner, "summary", {}).get("features") or "")
+        cache = load_cache(features)
     except FeatureCacheError:
         return {}
     val = cache.images[cache.images["split"] == "val"].head(limit)
     return dict(zip(val["image_id"], val["image_path"]))
 
 
+def folder_examples(folder: str | Path, limit: int = EXAMPLES) -> dict[str, str]:
+    """name -> path of the first image files of `folder` (sorted, subfolders included); DatasetError
+    when the folder is missing or none of those images can be read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"--examples {folder}: no such folder. Give a folder of images (JPEG, PNG, ...).")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:limit]
+    reasons = []
+    for path in paths:
+        try:
+            open_image(path)
+            break
+        except UnreadableImage as exc:
+            reasons.append(f"{path.name}: {exc}")
+    else:
+        found = f"none of its image files can be read ({'; '.join(reasons[:3])})" if paths else \
+            f"it holds no image files ({', '.join(IMAGE_SUFFIXES)})"
+        raise DatasetError(f"--examples {folder}: {found}. Give a folder of readable images.")
+    return {p.name: str(p) for p in paths}
+
+
 def create_app(captioner, examples: dict[str, str] | None = None, decode: DecodeConfig | None = None,
-               title: str = "captioner", max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> Flask:
+               title: str = "captioner", max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
+               examples_are: str = VALIDATION) -> Flask:
     """The demo's Flask app for a loaded captioner.
 
-    examples: name -> image path, the gallery (unreadable ones are left out, with a warning in the log).
+    examples: name -> image path, the gallery (unreadable ones are left out, with a warning in the log);
+    examples_are: what they are, for the page ("12 validation images of the training data").
     decode: the settings the page starts from; those the page has no knob for (max_new_tokens,
     repetition_penalty, ...) hold for every request.
     """
@@ -102,7 +131,7 @@ def create_app(captioner, examples: dict[str, str] | None = None, decode: Decode
     start.update(num_return_sequences=base.num_return_sequences if base.num_return_sequences > 1 else 3,
                  seed=base.seed or 0)
     page = {"max_bytes": max_bytes, "limits": f"up to {max_bytes / 2**20:g} MB and {max_pixels / 1e6:g} megapixels",
-            "knobs": {field: knob.methods for field, knob in KNOBS.items()}}
+            "knobs": {field: knob.methods for field, knob in KNOBS.items()}, "examples_are": examples_are}
 
     def remember(name: str, image: Image.Image) -> str:
         token = secrets.token_hex(8)
@@ -131,7 +160,7 @@ def create_app(captioner, examples: dict[str, str] | None = None, decode: Decode
         except DecodeConfigError as exc:
             return jsonify(error=f"Cannot caption with these settings: {exc}"), 400
         upload, example, token = request.files.get("image"), request.form.get("example"), request.form.get("token")
-        if example is not None and not (example.isdigit() and int(example) < len(gallery)):
+        if example is not None and not (example.isdecimal() and int(example) < len(gallery)):
             return jsonify(error=f"There is no example {example!r}: reload the page."), 400
         with lock:
             try:
@@ -287,7 +316,7 @@ PAGE = """<!doctype html>
       {% for name, _, thumb in gallery %}<button type="button" data-example="{{ loop.index0 }}" title="{{ name }}"
         aria-pressed="false"><img src="{{ thumb }}" alt="{{ name }}"></button>{% endfor %}
     </div>
-    <p class="hint">{{ gallery|length }} validation images of the training data.</p>
+    <p class="hint">{{ gallery|length }} {{ page.examples_are }}.</p>
     {% else %}
     <p class="hint" id="gallery">No examples here: the images this model was trained on are not on this machine.
        Start the server with <code>--examples DIR</code> to show the images of a folder.</p>
