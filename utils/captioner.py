@@ -70,7 +70,8 @@ def transformer_blocks(lm: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the {n} transformer blocks of {type(lm).__name__}: use --freeze frozen or full")
 
 
-def _final_norm(lm: nn.Module) -> nn.Module | None:
+def final_norm(lm: nn.Module) -> nn.Module | None:
+    """The norm after the last block (GPT-2's ln_f): the freezing policy and the parameter plot treat it apart."""
     for name in ("ln_f", "norm", "final_layer_norm"):
         module = getattr(lm.base_model, name, None)
         if isinstance(module, nn.Module):
@@ -92,7 +93,7 @@ def apply_freeze(lm: nn.Module, cfg: ModelConfig) -> list[str]:
     for i in chosen:
         blocks[i].requires_grad_(True)
     learns = [f"LM blocks {', '.join(map(str, chosen))} of 0-{len(blocks) - 1}"] if chosen else []
-    norm = _final_norm(lm)
+    norm = final_norm(lm)
     if last and norm is not None:
         norm.requires_grad_(True)
         learns.append("the LM's final norm")

@@ -106,7 +106,7 @@ class TrainConfig:
 
 DECODE_METHODS = ("greedy", "beam", "sample")
 # Settings that only one method reads: given to another, they are refused rather than silently unused.
-_METHOD_ONLY = {"num_beams": "beam", "length_penalty": "beam", "temperature": "sample", "top_k": "sample",
+METHOD_ONLY = {"num_beams": "beam", "length_penalty": "beam", "temperature": "sample", "top_k": "sample",
                 "top_p": "sample"}
 
 
@@ -164,9 +164,9 @@ def decode_config(base: DecodeConfig | None = None, **given) -> DecodeConfig:
         raise DecodeConfigError(f"unknown decoding setting(s) {', '.join(unknown)}; DecodeConfig has "
                                 f"{', '.join(sorted(names))}.")
     decode = dataclasses.replace(base or DecodeConfig(), **given)
-    unused = [name for name in given if _METHOD_ONLY.get(name, decode.method) != decode.method]
+    unused = [name for name in given if METHOD_ONLY.get(name, decode.method) != decode.method]
     if unused:
-        name, method = unused[0], _METHOD_ONLY[unused[0]]
+        name, method = unused[0], METHOD_ONLY[unused[0]]
         raise DecodeConfigError(f"{name} only applies to method '{method}', but the method is '{decode.method}': "
                                 f"add method='{method}' (--method {method}), or leave {name} out.")
     return decode

@@ -173,14 +173,14 @@ def plot_feature_map(features: np.ndarray, labels: list[str], title: str = "CLIP
 
 def plot_trainable_parameters(captioner, path=None):
     """Parameters of each part of the captioner, in millions, coloured by whether training changes them."""
-    from .captioner import _final_norm, transformer_blocks
+    from .captioner import final_norm, transformer_blocks
 
     def part(module) -> tuple[float, bool]:
         params = list(module.parameters())
         return sum(p.numel() for p in params) / 1e6, any(p.requires_grad for p in params)
 
     lm = captioner.lm
-    blocks, norm = transformer_blocks(lm), _final_norm(lm)
+    blocks, norm = transformer_blocks(lm), final_norm(lm)
     parts = [(f"{captioner.config.mapper} mapper", captioner.mapper),
              ("token embeddings\n(shared with the output layer)", lm.get_input_embeddings()),
              *((f"LM block {i}", block) for i, block in enumerate(blocks)),

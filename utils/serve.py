@@ -21,9 +21,9 @@ from flask import Flask, jsonify, render_template_string, request
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .config import _METHOD_ONLY, DecodeConfig, DecodeConfigError, decode_config
+from .config import METHOD_ONLY, DecodeConfig, DecodeConfigError, decode_config
 from .datasets import IMAGE_SUFFIXES, DatasetError, UnreadableImage, decode_image, open_image
-from .features import FeatureCacheError, load_cache
+from .features import FeatureCacheError, draft_size, load_cache
 from .standins import is_standin
 
 MAX_BYTES = 10 * 1024 * 1024  # an upload over 10 MB is refused before it is read
@@ -115,7 +115,7 @@ def create_app(captioner, examples: dict[str, str] | None = None, decode: Decode
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_bytes
     model, _ = captioner.image_encoder()  # loaded now: a broken bundle fails at start, not on the first upload
-    draft = 2 * model.visual.input_resolution  # JPEGs decode as `caption([path])` decodes them
+    draft = draft_size(model)  # JPEGs decode as `caption([path])` decodes them
     lock = threading.Lock()  # one caption at a time: generate() and its seeded RNG are not thread-safe
     seen: OrderedDict[str, Seen] = OrderedDict()
     gallery, unreadable = [], []
@@ -214,7 +214,7 @@ def _call(decode: DecodeConfig, given: dict) -> str:
     default = DecodeConfig()
     fixed = {f.name: getattr(decode, f.name) for f in dataclasses.fields(DecodeConfig)
              if f.name not in given and f.name not in KNOBS and getattr(decode, f.name) != getattr(default, f.name)
-             and _METHOD_ONLY.get(f.name, decode.method) == decode.method}
+             and METHOD_ONLY.get(f.name, decode.method) == decode.method}
     settings = {k: v for k, v in {**given, **fixed}.items() if k != "num_return_sequences" or v != 1}
     return "captioner.caption([image], " + ", ".join(f"{k}={v!r}" for k, v in settings.items()) + ")"
 
