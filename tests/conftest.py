@@ -48,12 +48,17 @@ def embedded_set(folder: Path, n_images: int, seed: int) -> dict[str, list[str]]
     return captions
 
 
+def cli_env(data_dir: Path) -> dict[str, str]:
+    """The environment of every `python -m utils` a test starts: offline, data under `data_dir`, and one
+    thread, as the in-process tests compute (`one_thread`): float sums then round the same way in every
+    process, so runs compared with each other (killed and resumed, subprocess and in-process) agree."""
+    return dict(os.environ, CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore",
+                OMP_NUM_THREADS="1")
+
+
 def run_cli(*args: str, data_dir: Path, timeout: float = 300, check: bool = True, **popen):
-    """Run `python -m utils ...` the way a user does, offline, with its data under `data_dir`, on one thread
-    as the in-process tests compute (`one_thread`), so a near-tie in an argmax breaks the same way in both."""
-    env = dict(os.environ, CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore",
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "utils", *args], cwd=ROOT, env=env, capture_output=True,
+    """Run `python -m utils ...` the way a user does, in `cli_env`."""
+    proc = subprocess.run([sys.executable, "-m", "utils", *args], cwd=ROOT, env=cli_env(data_dir), capture_output=True,
                           text=True, timeout=timeout, **popen)
     if check and proc.returncode != 0:
         raise AssertionError(f"python -m utils {' '.join(args)} failed ({proc.returncode}):\n"

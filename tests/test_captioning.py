@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_env, run_cli
 from utils.__main__ import main
 from utils.captioner import Captioner, generate_kwargs, load_language_model
 from utils.config import (DecodeConfig, DecodeConfigError, ModelConfig, RuntimeConfig, decode_config,
@@ -213,7 +213,7 @@ def test_bundle_loaded_in_a_fresh_process_gives_the_same_captions(trained, cache
     script = ("import json, sys; from utils.captioner import Captioner; "
               "c = Captioner.from_pretrained(sys.argv[1]); "
               "print(json.dumps([c.summary, c.caption(sys.argv[3:], **json.loads(sys.argv[2]))]))")
-    env = dict(os.environ, CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore")
+    env = cli_env(data_dir)
     proc = subprocess.run([sys.executable, "-c", script, str(bundle), json.dumps(decode), *paths], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

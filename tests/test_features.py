@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_env, run_cli
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig
 from utils.datasets import load_records
 from utils.features import FeatureCacheError, cache_features, load_cache
@@ -126,7 +126,7 @@ def test_kill_during_caching_then_rerun_equals_uninterrupted(data_dir, tmp_path)
             "--chunk-size", "40", "--num-workers", "0", "--device", "cpu"]
     run_cli(*args, "--cache-dir", str(tmp_path / "clean"), data_dir=data_dir)
 
-    env = dict(os.environ, CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore")
+    env = cli_env(data_dir)
     chunks = tmp_path / "killed" / "chunks"
     proc = subprocess.Popen([sys.executable, "-m", "utils", *args, "--cache-dir", str(tmp_path / "killed")],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_env, run_cli
 from utils.captioner import Captioner
 from utils.config import DecodeConfig, RuntimeConfig, standin_preset
 from utils.features import load_cache
@@ -194,8 +194,7 @@ def server(bundle, data_dir, tmp_path):
     """`python -m utils serve --port 0` on 127.0.0.1, as a user starts it: it binds a free port itself and
     prints its address (no port picked here that another program could take first); killed at the end."""
     log_path = tmp_path / "serve.log"
-    env = dict(os.environ, CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore",
-               OMP_NUM_THREADS="1")  # one thread, as in this process: a near-tie in an argmax breaks alike
+    env = cli_env(data_dir)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "utils", "serve", "--model", str(bundle), "--port", "0"],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_env, run_cli
 from utils.captioner import Captioner, load_language_model
 from utils.config import ModelConfig, RuntimeConfig, TrainConfig, standin_preset
 from utils.features import load_cache
@@ -155,7 +155,7 @@ def test_killed_run_resumed_ends_like_an_uninterrupted_one(small_cache, data_dir
             "--dropout", "0.1", "--warmup-steps", "5", "--checkpoint-every", "5", "--log-every", "5", "--device", "cpu"]
     run_cli(*args, "--out-dir", str(tmp_path / "clean"), data_dir=data_dir)
 
-    env = dict(os.environ, CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir), PYTHONWARNINGS="ignore")
+    env = cli_env(data_dir)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "utils", *args, "--out-dir", str(killed)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

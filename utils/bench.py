@@ -69,7 +69,7 @@ def bench_features(n_images: int = 64, device: str = "auto", batch_size: int = 6
     fp32 as ClipCap's parse_coco.py does."""
     import clip.model
 
-    from .features import _ImageFiles, encode_images
+    from .features import _ImageFiles, draft_size, encode_images
 
     device = resolve_device(device)
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def bench_features(n_images: int = 64, device: str = "auto", batch_size: int = 6
         batches = [list(range(i, min(i + batch_size, n_images))) for i in range(0, n_images, batch_size)]
 
         def decode_only():
-            loader = torch.utils.data.DataLoader(_ImageFiles(paths, preprocess, resolution),
+            loader = torch.utils.data.DataLoader(_ImageFiles(paths, preprocess, resolution, draft_size(model)),
                                                  batch_sampler=batches, num_workers=num_workers)
             for _ in loader:
                 pass

@@ -109,7 +109,8 @@ def encode_images(model, preprocess, paths: list[str], batches: list[list[int]],
 
     Batches are given explicitly so a resumed run groups images exactly as an uninterrupted one.
     """
-    loader = DataLoader(_ImageFiles(paths, preprocess, model.visual.input_resolution, draft_size(model)), batch_sampler=batches,
+    files = _ImageFiles(paths, preprocess, model.visual.input_resolution, draft_size(model))
+    loader = DataLoader(files, batch_sampler=batches,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
     use_fp16 = fp16 and device.type == "cuda"
