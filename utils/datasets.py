@@ -70,6 +70,7 @@ class Captions:
     source: str  # the file or folder read
     skipped: int  # rows that could not be used; each has a problem line
     repaired: int = 0  # rows fixed and kept; each has a problem line
+    stamp: dict | None = None  # `file_stamp` of the source as it was read: caches made from it keep it
 
     def images(self) -> list[tuple[str, str, str]]:
         """Unique (image_id, image_path, split), in first-seen order: what the feature cache encodes."""
@@ -623,7 +624,19 @@ def load_records(cfg: DataConfig, root: str | Path | None = None) -> Captions:
         missing = _missing_on_disk(parsed, list(dict.fromkeys(r.image_path for r in records)))
         if missing:
             problems.append(missing)
-    return Captions(records, problems, str(parsed.source), parsed.skipped, parsed.repaired)
+    return Captions(records, problems, str(parsed.source), parsed.skipped, parsed.repaired, file_stamp(parsed.source))
+
+
+def file_stamp(path: str | Path) -> dict | None:
+    """Path and content hash of a captions file (None for a folder), so a later edit is noticed."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"path": str(path.resolve()), "sha256": h.hexdigest()}
 
 
 # ---------------------------------------------------------------------------------------------

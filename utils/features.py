@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import DataConfig, FeatureConfig, RuntimeConfig
-from .datasets import Captions, UnreadableImage, open_image
+from .datasets import Captions, UnreadableImage, file_stamp, open_image
 from .files import atomic_path, read_json, write_json
 from .runtime import announce_offline, is_offline, resolve_device
 from .standins import clip_archive, clip_standin_name, is_standin
@@ -258,27 +258,15 @@ def _write_captions_index(out: Path, captions: Captions) -> None:
     _write_csv(out / "captions.csv", frame[["feature_row", "image_id", "caption", "split"]])
     meta = read_json(out / "meta.json")
     meta.update(num_captions=len(frame), captions_fingerprint=_fingerprint(
-        f"{i}\t{c}" for i, c in zip(frame["image_id"], frame["caption"])), captions_file=_file_stamp(captions.source))
+        f"{i}\t{c}" for i, c in zip(frame["image_id"], frame["caption"])), captions_file=captions.stamp)
     write_json(out / "meta.json", meta)
-
-
-def _file_stamp(source: str) -> dict | None:
-    """Path and content hash of a captions file (None for a folder), so a later edit is noticed."""
-    path = Path(source)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"path": str(path.resolve()), "sha256": h.hexdigest()}
 
 
 def _check_captions_file(path: Path, meta: dict) -> None:
     """Refuse a cache whose captions file was edited after it was read (ClipCap reused a token cache keyed
     by file name after the data changed); a file no longer there is fine: the cache holds its captions."""
     stamp = meta.get("captions_file")
-    if stamp and Path(stamp["path"]).is_file() and _file_stamp(stamp["path"]) != stamp:
+    if stamp and Path(stamp["path"]).is_file() and file_stamp(stamp["path"]) != stamp:
         raise FeatureCacheError(f"{stamp['path']} changed after the feature cache at {path} read its captions: "
                                 "rerun `python -m utils features` with the flags that made the cache (or notebook "
                                 "02) to read them again; no image is encoded again.")
