@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_env, run_cli
+from utils import standins
 from utils.captioner import Captioner, load_language_model
 from utils.config import ModelConfig, RuntimeConfig, TrainConfig, standin_preset
 from utils.features import load_cache
@@ -189,3 +192,29 @@ def test_watched_captions_and_early_stopping(small_cache, data_dir, tmp_path):
     assert all(len(s["captions"]) == 4 and 0 < s["distinct_share"] <= 1 for s in samples)
     assert samples[0]["image_ids"] == samples[-1]["image_ids"], "the same images are watched every time"
     assert len(result.history["val"]) == 2
+
+
+def test_two_processes_train_as_one_with_gradient_accumulation(small_cache, data_dir, models_dir, tmp_path):
+    """Kaggle's 2xT4 path, on two CPU processes (torchrun, gloo): each process takes every other batch and
+    their gradients are averaged, which is what one process does with --grad-accum 2. Dropout is off in
+    the mapper and the LM, so the two runs must end with the same weights and log the same losses."""
+    lm = shutil.copytree(standins.gpt2_dir(models_dir), tmp_path / "lm-no-dropout")
+    config = json.loads((lm / "config.json").read_text())
+    (lm / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}))
+    args = ["train", "--features", str(small_cache), "--max-steps", "6", "--batch-size", "8", "--num-layers", "1",
+            "--dropout", "0", "--warmup-steps", "2", "--checkpoint-every", "3", "--log-every", "1", "--lm", str(lm),
+            "--device", "cpu"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "utils", *args, "--out-dir", str(tmp_path / "two")], cwd=ROOT,
+                         env=cli_env(data_dir), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("2 process(es)") == 1 and two.stdout.count("trained 6 steps") == 1, two.stdout
+    run_cli(*args, "--grad-accum", "2", "--out-dir", str(tmp_path / "one"), data_dir=data_dir)
+
+    a = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    for name, tensor in b["trainable"].items():
+        torch.testing.assert_close(a["trainable"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    loss = [r["loss"] for r in a["state"]["history"]["train"]]
+    assert loss == pytest.approx([r["loss"] for r in b["state"]["history"]["train"]], rel=1e-5)
+    assert Captioner.from_pretrained(tmp_path / "two" / "captioner").config.dropout == 0

@@ -93,6 +93,8 @@ def cmd_features(args, captions=None) -> Path:
 
 def cmd_train(args):
     """Train on a feature cache; offline, the stand-in preset is the base the flags change."""
+    from accelerate import PartialState
+
     from .features import default_cache_dir
     from .runtime import is_offline
     from .training import train
@@ -105,7 +107,7 @@ def cmd_train(args):
     cache = args.features or default_cache_dir(data, model_cfg.backbone, offline)
     result = train(cache, model_cfg, train_cfg, runtime, data.data_dir)
     val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a (no validation split)"
-    print(f"trained {result.steps} steps; best validation loss {val}\n"
+    PartialState().print(f"trained {result.steps} steps; best validation loss {val}\n"
           f"captioner bundle: {result.bundle}\nhistory: {result.out_dir / 'history.json'}")
     return result
 

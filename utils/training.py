@@ -153,14 +153,14 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
              "history": {"train": [], "val": []}, "window": [0.0, 0, 0.0]}  # loss sum, steps, seconds
     if cfg.resume and (out / "checkpoint.pt").is_file():
         state = _load_checkpoint(out / "checkpoint.pt", captioner, optimizer, accelerator, cache, cfg)
-        print(f"resuming {out} at step {state['step']} (epoch {state['epoch'] + 1}, "
+        accelerator.print(f"resuming {out} at step {state['step']} (epoch {state['epoch'] + 1}, "
               f"step {state['step_in_epoch']} of {steps_per_epoch})")
     elif (out / "checkpoint.pt").is_file():
         raise TrainingError(f"{out} already holds a training run: pass --resume to continue it, or choose "
                             "another --out-dir.")
     model, optimizer = accelerator.prepare(captioner, optimizer)
-    print(captioner.describe())
-    print(f"{len(train_split)} training captions, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+    accelerator.print(captioner.describe())
+    accelerator.print(f"{len(train_split)} training captions, {steps_per_epoch} steps/epoch, {total_steps} steps, "
           f"precision {accelerator.mixed_precision}, {world} process(es) on {device}")
 
     def save(name: str = "checkpoint.pt") -> None:
@@ -176,7 +176,7 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
         val = evaluate_loss(model, captioner, features, val_split, cfg.batch_size, device)
         state["history"]["val"].append({"step": state["step"], "epoch": state["epoch"] + 1, "val_loss": val})
         if len(watch):
-            _watch_captions(captioner, features, watch, state, cfg)
+            _watch_captions(captioner, features, watch, state, cfg, accelerator.print)
         if state["best_val_loss"] is None or val < state["best_val_loss"]:
             state["best_val_loss"], state["evals_since_best"] = val, 0
             save("best.pt")
@@ -204,6 +204,8 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
                     accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += float(loss.detach()) / cfg.grad_accum
                 samples += len(idx) * world
+            if world > 1:  # every process logs, and stops on, the loss of the whole step
+                loss_sum = float(accelerator.reduce(torch.tensor(loss_sum, device=device), reduction="mean"))
             _check_finite(loss_sum, state["step"], accelerator)
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
             optimizer.step()
@@ -234,7 +236,7 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
             state["step_in_epoch"] = 0
             save()
         if _patience_ran_out(state, cfg):
-            print(f"early stop: no better validation loss in {cfg.patience} evaluations "
+            accelerator.print(f"early stop: no better validation loss in {cfg.patience} evaluations "
                   f"(best {state['best_val_loss']:.4f})")
             break
     bar.close()
@@ -242,7 +244,10 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
         validate()
     save()
     accelerator.wait_for_everyone()
-    bundle = _export_best(out, captioner, state, cache)
+    bundle = out / "captioner"
+    if accelerator.is_main_process:
+        _export_best(bundle, captioner, state, cache)
+    accelerator.wait_for_everyone()
     return TrainResult(out, bundle, state["history"], state["best_val_loss"], state["step"])
 
 
@@ -251,7 +256,7 @@ def _patience_ran_out(state: dict, cfg: TrainConfig) -> bool:
 
 
 def _watch_captions(captioner: Captioner, features: torch.Tensor, watch: pd.DataFrame, state: dict,
-                    cfg: TrainConfig) -> None:
+                    cfg: TrainConfig, say=print) -> None:
     """Caption the same validation images at every evaluation: the history then shows captions improve,
     and a model that says one caption for every image (ClipCap's users met it only after training) is
     caught while it trains."""
@@ -262,7 +267,7 @@ def _watch_captions(captioner: Captioner, features: torch.Tensor, watch: pd.Data
         "step": state["step"], "epoch": state["epoch"] + 1, "image_ids": watch["image_id"].tolist(),
         "captions": captions, "distinct_share": share})
     if share < cfg.collapse_warning:
-        print(f"warning: at step {state['step']} only {len(set(captions))} distinct captions for {len(captions)} "
+        say(f"warning: at step {state['step']} only {len(set(captions))} distinct captions for {len(captions)} "
               f"different images: the captions are collapsing towards one. If it persists, lower --lr, add "
               f"--feature-noise, or check that the features differ between images.")
 
@@ -346,11 +351,11 @@ def _save_history(out: Path, history: dict) -> None:
             pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
-def _export_best(out: Path, captioner: Captioner, state: dict, cache: FeatureCache) -> Path:
+def _export_best(bundle: Path, captioner: Captioner, state: dict, cache: FeatureCache) -> Path:
     """The best weights (lowest validation loss, else the last) as a self-contained bundle."""
-    best = out / "best.pt"
+    best = bundle.parent / "best.pt"
     if best.is_file():
         captioner.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["trainable"], strict=False)
     summary = {"steps": state["step"], "epochs": state["epoch"], "best_val_loss": state["best_val_loss"],
                "features": str(cache.path), "dataset": cache.meta.get("dataset"), "standin": cache.meta["standin"]}
-    return captioner.save_pretrained(out / "captioner", summary=summary)
+    return captioner.save_pretrained(bundle, summary=summary)
