@@ -240,12 +240,16 @@ def plot_temperature_summary(summary: pd.DataFrame, path=None):
     return _save(fig, path)
 
 
-def plot_distinct_share(history: dict, path=None):
-    """Share of distinct captions on the fixed watch images, per evaluation: a fall warns of collapse."""
+def plot_distinct_share(history: dict, warn_below: float | None = None, path=None):
+    """Share of distinct captions on the fixed watch images, per evaluation: a fall warns of collapse.
+    `warn_below` (TrainConfig.collapse_warning) draws the line under which training printed a warning."""
     watch = pd.DataFrame(history.get("samples", []))
     fig, ax = plt.subplots(figsize=(6, 3))
     if len(watch):
-        ax.plot(watch["step"], watch["distinct_share"], "o-")
+        ax.plot(watch["step"], watch["distinct_share"], "o-", label="distinct share")
+    if warn_below is not None:
+        ax.axhline(warn_below, color="tab:red", linestyle="--", linewidth=1, label="collapse warning below")
+        ax.legend(loc="lower right")
     watched = len(watch["image_ids"].iloc[0]) if len(watch) and "image_ids" in watch else "watched"
     ax.set(xlabel="optimiser step", ylabel=f"distinct captions / {watched} images", ylim=(0, 1.05),
            title="Are the captions still different for different images?")

@@ -74,6 +74,12 @@ def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
     raise ValueError(f"decay must be 'linear', 'cosine' or 'constant', not {cfg.decay!r}")
 
 
+def epoch_steps(n_captions: int, cfg: TrainConfig, processes: int = 1) -> int:
+    """Optimiser steps in one pass over the captions: batches are dealt out to the processes, then
+    `grad_accum` of them make one step."""
+    return max(math.ceil(n_captions / cfg.batch_size) // processes // cfg.grad_accum, 1)
+
+
 def make_split(cache: FeatureCache, name: str, captioner: Captioner) -> Split:
     frame = cache.split(name)
     tokens, cut = captioner.encode_captions(frame["caption"].tolist())
@@ -145,8 +151,7 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
     if not len(train_split):
         raise TrainingError(f"{cache.path} has no training captions: check the dataset's splits.")
     world, rank = accelerator.num_processes, accelerator.process_index
-    n_batches = math.ceil(len(train_split) / cfg.batch_size) // world
-    steps_per_epoch = max(n_batches // cfg.grad_accum, 1)
+    steps_per_epoch = epoch_steps(len(train_split), cfg, world)
     total_steps = min(cfg.max_steps or 10**12, cfg.epochs * steps_per_epoch)
     optimizer = make_optimizer(captioner, cfg)
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val_loss": None,
