@@ -745,6 +745,17 @@ def decode_image(data: bytes, draft: int | None = None, max_pixels: int | None =
         raise UnreadableImage(f"cannot decode {fmt or 'image'} ({message})") from None
 
 
+def preview_png(image: Image.Image, side: int) -> bytes:
+    """The picture as PNG bytes `side` pixels on its long edge, for a widget or a web page: small images
+    scaled up without blur, large ones down."""
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+    buf = io.BytesIO()
+    image.convert("RGB").resize(size, resample).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------
 # The embedded dataset: generated, so the course runs with no download at all
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 import secrets
 import threading
 from collections import OrderedDict
@@ -22,7 +21,7 @@ from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .config import METHOD_ONLY, DecodeConfig, DecodeConfigError, decode_config
-from .datasets import IMAGE_SUFFIXES, DatasetError, UnreadableImage, decode_image, open_image
+from .datasets import IMAGE_SUFFIXES, DatasetError, UnreadableImage, decode_image, open_image, preview_png
 from .features import FeatureCacheError, draft_size, load_cache
 from .standins import is_standin
 
@@ -220,12 +219,7 @@ def _call(decode: DecodeConfig, given: dict) -> str:
 
 
 def _data_url(image: Image.Image, side: int) -> str:
-    """The picture as an inline PNG `side` pixels on its long edge; small images scaled up without blur."""
-    scale = side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    buf = io.BytesIO()
-    image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(preview_png(image, side)).decode()
 
 
 def bundle_title(path: str | Path) -> str:

@@ -7,14 +7,13 @@ clicks do and check which decoding was asked for and what caption was shown.
 from __future__ import annotations
 
 import html
-import io
 from pathlib import Path
 
 import ipywidgets as w
 from PIL import Image
 
 from .config import DECODE_METHODS, DecodeConfig, DecodeConfigError, decode_config
-from .datasets import UnreadableImage, decode_image, open_image
+from .datasets import UnreadableImage, decode_image, open_image, preview_png
 
 PREVIEW = 224  # pixels: the picture is shown this wide, whatever its size
 
@@ -77,7 +76,7 @@ class DecodingExplorer:
         except UnreadableImage as exc:
             self.output.value = f"<b>{html.escape(str(name))}</b> cannot be read: {html.escape(str(exc))}"
             return
-        self.picture.value = _png(image)
+        self.picture.value = preview_png(image, PREVIEW)
         try:
             decode = self.decode()
         except DecodeConfigError as exc:  # the sliders only make valid settings; say so if that ever changes
@@ -114,16 +113,6 @@ class DecodingExplorer:
         from IPython.display import display
 
         display(self.widget())
-
-
-def _png(image: Image.Image) -> bytes:
-    """The picture as PNG bytes: small images scaled up without blur, large ones down."""
-    scale = PREVIEW / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
-    buf = io.BytesIO()
-    image.convert("RGB").resize(size, resample).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _describe(decode: DecodeConfig) -> str:
