@@ -34,6 +34,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def quick_train_config(out: Path, **changes):
+    """A TrainConfig for a few seconds of training on `small_cache`, with `changes` on top."""
+    from utils.config import TrainConfig
+
+    base = dict(epochs=2, batch_size=16, lr=3e-3, warmup_steps=5, checkpoint_every=4, log_every=2, out_dir=str(out))
+    return TrainConfig(**(base | changes))
+
+
 def embedded_set(folder: Path, n_images: int, seed: int) -> dict[str, list[str]]:
     """Generate an embedded set with `utils.datasets.make_embedded`; returns image file name -> captions."""
     import csv

@@ -24,9 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import quick_train_config, run_cli
 from utils.captioner import Captioner, CaptionerError
-from utils.config import ModelConfig, RuntimeConfig, TrainConfig
+from utils.config import ModelConfig, RuntimeConfig
 from utils.datasets import UnreadableImage, decode_image
 from utils.features import load_cache
 from utils.files import DiskFull
@@ -281,27 +281,22 @@ def test_diverging_training_stops_with_the_checkpoint_intact(small_cache, data_d
     assert all(torch.isfinite(t).all() for t in checkpoint["trainable"].values())
 
 
-def _quick(out: Path, **changes) -> TrainConfig:
-    return TrainConfig(**{**dict(out_dir=str(out), batch_size=8, warmup_steps=2, checkpoint_every=2, max_steps=2,
-                                 log_every=1, num_workers=0), **changes})
-
-
 def test_disk_full_while_writing_a_checkpoint(small_cache, data_dir, tmp_path):
     """The kernel's own ENOSPC: the checkpoint's temporary file is made to point at /dev/full."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")
     offline, model = RuntimeConfig(offline=True, device="cpu"), ModelConfig(num_layers=1)
-    train(small_cache, model, _quick(tmp_path), offline, data_dir)
+    train(small_cache, model, quick_train_config(tmp_path, max_steps=2), offline, data_dir)
     checkpoint = tmp_path / "checkpoint.pt"
     before = _digest(checkpoint)
     (tmp_path / f".checkpoint.pt.tmp-{os.getpid()}").symlink_to("/dev/full")
     with pytest.raises(DiskFull, match="no space left on device while writing .*checkpoint.pt; nothing was "
                                        "replaced") as info:
-        train(small_cache, model, _quick(tmp_path, max_steps=4, resume=True), offline, data_dir)
+        train(small_cache, model, quick_train_config(tmp_path, max_steps=4, resume=True), offline, data_dir)
     assert "--resume" in str(info.value)
     assert _digest(checkpoint) == before
     assert not list(tmp_path.glob(".checkpoint.pt.tmp-*")), "no temporary file is left behind"
-    resumed = train(small_cache, model, _quick(tmp_path, max_steps=4, resume=True), offline, data_dir)
+    resumed = train(small_cache, model, quick_train_config(tmp_path, max_steps=4, resume=True), offline, data_dir)
     assert torch.load(checkpoint, weights_only=True)["state"]["step"] == 4 and resumed.bundle.exists()
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, quick_train_config, run_cli
 from utils import standins
 from utils.captioner import Captioner, load_language_model
 from utils.config import ModelConfig, RuntimeConfig, TrainConfig, standin_preset
@@ -104,17 +104,12 @@ def test_exactly_the_intended_parameters_change(small_cache, models_dir, policy,
     assert "trainable:" in model.describe()
 
 
-def _quick(out, **kw) -> TrainConfig:
-    base = dict(epochs=2, batch_size=16, lr=3e-3, warmup_steps=5, checkpoint_every=4, log_every=2, out_dir=str(out))
-    return TrainConfig(**(base | kw))
-
-
 def _model() -> ModelConfig:
     return dataclasses.replace(standin_preset()[0], num_layers=2, dropout=0.1)
 
 
 def test_training_writes_history_checkpoints_and_a_bundle(small_cache, data_dir, tmp_path):
-    result = train(small_cache, _model(), _quick(tmp_path / "run"), OFFLINE, data_dir)
+    result = train(small_cache, _model(), quick_train_config(tmp_path / "run"), OFFLINE, data_dir)
     history = result.history
     assert result.steps == 2 * (len(load_cache(small_cache).split("train")) // 16 + 1)
     assert [r["step"] for r in history["train"]][:3] == [2, 4, 6]
@@ -127,17 +122,17 @@ def test_training_writes_history_checkpoints_and_a_bundle(small_cache, data_dir,
     assert loaded.config.clip_dim == 64 and loaded.config.backbone == "standin:ViT"
     assert loaded.config.lm == "standin:gpt2" and loaded.summary["standin"] is True
     with pytest.raises(TrainingError, match="--resume"):
-        train(small_cache, _model(), _quick(tmp_path / "run"), OFFLINE, data_dir)
+        train(small_cache, _model(), quick_train_config(tmp_path / "run"), OFFLINE, data_dir)
 
 
 @pytest.mark.fault
 def test_resume_refuses_other_settings_and_pickled_code(small_cache, data_dir, tmp_path):
-    train(small_cache, _model(), _quick(tmp_path / "run", max_steps=4), OFFLINE, data_dir)
+    train(small_cache, _model(), quick_train_config(tmp_path / "run", max_steps=4), OFFLINE, data_dir)
     other = dataclasses.replace(_model(), prefix_length=7)
     with pytest.raises(TrainingError, match=r"model.prefix_length: checkpoint has 10, now 7"):
-        train(small_cache, other, _quick(tmp_path / "run", resume=True), OFFLINE, data_dir)
+        train(small_cache, other, quick_train_config(tmp_path / "run", resume=True), OFFLINE, data_dir)
     with pytest.raises(TrainingError, match=r"train.lr: checkpoint has 0.003, now 0.001"):
-        train(small_cache, _model(), _quick(tmp_path / "run", resume=True, lr=1e-3), OFFLINE, data_dir)
+        train(small_cache, _model(), quick_train_config(tmp_path / "run", resume=True, lr=1e-3), OFFLINE, data_dir)
 
     class Exploit:
         def __reduce__(self):
@@ -147,7 +142,7 @@ def test_resume_refuses_other_settings_and_pickled_code(small_cache, data_dir, t
     with open(tmp_path / "evil" / "checkpoint.pt", "wb") as f:
         pickle.dump({"version": 1, "payload": Exploit()}, f)
     with pytest.raises(TrainingError, match="refused, not executed"):
-        train(small_cache, _model(), _quick(tmp_path / "evil", resume=True), OFFLINE, data_dir)
+        train(small_cache, _model(), quick_train_config(tmp_path / "evil", resume=True), OFFLINE, data_dir)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -185,7 +180,7 @@ def test_killed_run_resumed_ends_like_an_uninterrupted_one(small_cache, data_dir
 
 def test_watched_captions_and_early_stopping(small_cache, data_dir, tmp_path):
     # lr 0: the weights never move, so the second evaluation is no better and patience 1 ends the run
-    result = train(small_cache, _model(), _quick(tmp_path / "run", epochs=6, lr=0.0, patience=1, watch_images=4),
+    result = train(small_cache, _model(), quick_train_config(tmp_path / "run", epochs=6, lr=0.0, patience=1, watch_images=4),
                    OFFLINE, data_dir)
     samples = result.history["samples"]
     assert len(samples) == len(result.history["val"]) >= 2
