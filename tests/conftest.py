@@ -34,6 +34,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+class TouchWhenUnpickled:
+    """Pickled code, as a malicious checkpoint carries it: unpickling it creates `marker`, so a test that
+    finds no marker knows the file was refused, never run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def quick_train_config(out: Path, **changes):
     """A TrainConfig for a few seconds of training on `small_cache`, with `changes` on top."""
     from utils.config import TrainConfig

@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import quick_train_config, run_cli
+from conftest import TouchWhenUnpickled, quick_train_config, run_cli
 from utils.captioner import Captioner, CaptionerError
 from utils.config import ModelConfig, RuntimeConfig
 from utils.datasets import UnreadableImage, decode_image
@@ -229,18 +229,10 @@ def test_checkpoint_from_another_version_via_cli(trained, small_cache, data_dir,
     assert _digest(old / "checkpoint.pt") == before
 
 
-class _Exploit:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_checkpoint_carrying_code_via_cli(small_cache, data_dir, tmp_path):
     (tmp_path / "evil").mkdir()
     with open(tmp_path / "evil" / "checkpoint.pt", "wb") as f:
-        pickle.dump({"version": 1, "payload": _Exploit(tmp_path / "pwned")}, f)
+        pickle.dump({"version": 1, "payload": TouchWhenUnpickled(tmp_path / "pwned")}, f)
     _refused(run_cli(*_train_args(small_cache, tmp_path / "evil", "--resume"), data_dir=data_dir, check=False),
              "refused, not executed")
     assert not (tmp_path / "pwned").exists()
@@ -253,7 +245,7 @@ def test_damaged_bundle_is_refused_by_caption(trained, data_dir, tmp_path, damag
     weights = bundle / "mapper.safetensors"
     if damage == "pickled code":
         with open(weights, "wb") as f:
-            pickle.dump(_Exploit(tmp_path / "pwned"), f)
+            pickle.dump(TouchWhenUnpickled(tmp_path / "pwned"), f)
     elif damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:1000])
     elif damage == "truncated LM":

@@ -8,7 +8,6 @@ imported weights against a direct re-implementation of ClipCap's forward pass an
 
 from __future__ import annotations
 
-import os
 import pickle
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import run_cli
+from conftest import TouchWhenUnpickled, run_cli
 from utils.captioner import Captioner
 from utils.clipcap_import import ClipCapImportError, import_clipcap
 from utils.config import RuntimeConfig
@@ -255,13 +254,8 @@ def test_cli_refuses_a_file_of_the_wrong_shape_in_one_line(gpt, data_dir, tmp_pa
 
 def test_cli_refuses_a_pickle_carrying_code_without_running_it(data_dir, tmp_path):
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     with open(tmp_path / "coco_weights.pt", "wb") as f:
-        pickle.dump({"clip_project.model.0.weight": Exploit()}, f)
+        pickle.dump({"clip_project.model.0.weight": TouchWhenUnpickled(marker)}, f)
     assert "holds pickled Python objects or code, not just tensors: it is refused, never run" in _refused(
         tmp_path / "coco_weights.pt", data_dir, tmp_path)
     assert not marker.exists()

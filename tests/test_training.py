@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import shutil
 import signal
@@ -15,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, cli_env, quick_train_config, run_cli
+from conftest import ROOT, TouchWhenUnpickled, cli_env, quick_train_config, run_cli
 from utils import standins
 from utils.captioner import Captioner, load_language_model
 from utils.config import ModelConfig, RuntimeConfig, TrainConfig, standin_preset
@@ -133,14 +132,9 @@ def test_resume_refuses_other_settings_and_pickled_code(small_cache, data_dir, t
         train(small_cache, other, quick_train_config(tmp_path / "run", resume=True), OFFLINE, data_dir)
     with pytest.raises(TrainingError, match=r"train.lr: checkpoint has 0.003, now 0.001"):
         train(small_cache, _model(), quick_train_config(tmp_path / "run", resume=True, lr=1e-3), OFFLINE, data_dir)
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {tmp_path / 'pwned'}",))
-
     (tmp_path / "evil").mkdir()
     with open(tmp_path / "evil" / "checkpoint.pt", "wb") as f:
-        pickle.dump({"version": 1, "payload": Exploit()}, f)
+        pickle.dump({"version": 1, "payload": TouchWhenUnpickled(tmp_path / "pwned")}, f)
     with pytest.raises(TrainingError, match="refused, not executed"):
         train(small_cache, _model(), quick_train_config(tmp_path / "evil", resume=True), OFFLINE, data_dir)
     assert not (tmp_path / "pwned").exists()
