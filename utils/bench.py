@@ -69,7 +69,7 @@ def bench_features(n_images: int = 64, device: str = "auto", batch_size: int = 6
     fp32 as ClipCap's parse_coco.py does."""
     import clip.model
 
-    from .features import _ImageFiles, draft_size, encode_images
+    from .clip_encoder import ImageFiles as _ImageFiles, draft_size, encode_batches as encode_images
 
     device = resolve_device(device)
     torch.manual_seed(0)

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .captioner import Captioner, language_model_source
+from .captioner import Captioner
 from .config import ModelConfig, RuntimeConfig
-from .runtime import default_data_dir, is_offline
+from .model import language_model_source
+from .paths import models_dir as default_models_dir
+from .runtime import is_offline
 
 # Embedding width of each CLIP: the mapper's input width says which backbones can feed it.
 CLIP_WIDTHS = {"RN50": 1024, "RN101": 512, "RN50x4": 640, "RN50x16": 768, "RN50x64": 1024, "ViT-B/32": 512,
@@ -66,7 +68,7 @@ def import_clipcap(weights: str | Path, out: str | Path, runtime: RuntimeConfig 
     if CLIP_WIDTHS.get(backbone, found["clip_dim"]) != found["clip_dim"]:
         raise ClipCapImportError(f"{path} takes {found['clip_dim']}-d CLIP embeddings, but {backbone} gives "
                                  f"{CLIP_WIDTHS[backbone]}-d ones: {_backbones_of(found['clip_dim'])}.")
-    models_dir = Path(models_dir or Path(default_data_dir()) / "models")
+    models_dir = Path(models_dir or default_models_dir())
     lm, tokenizer, lm_name = _language_model(state, settings.get("lm", "gpt2"), is_offline(runtime.offline),
                                              models_dir, path)
     defaults = dict(num_heads=CLIPCAP_HEADS, freeze="full" if found["mapper"] == "mlp" else "frozen",

@@ -684,7 +684,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(((a - lo) * (255.0 / (hi - lo))).round().astype(np.uint8))
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         img = _to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
@@ -732,7 +732,7 @@ def decode_image(data: bytes, draft: int | None = None, max_pixels: int | None =
             raise UnreadableImage(f"too large: {img.width}x{img.height} pixels, over the limit of "
                                   f"{max_pixels / 1e6:g} megapixels; shrink it first")
         img.load()
-        return _to_rgb(img)
+        return to_rgb(img)
     except UnidentifiedImageError:
         reason = f"truncated {fmt}" if fmt else "not an image (cannot identify image file)"
         raise UnreadableImage(reason) from None

@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 
 from .captioner import image_name
+from .clip_encoder import draft_size, encode_images
 from .config import DecodeConfig
 from .datasets import UnreadableImage, open_image
-from .features import draft_size
 from .files import write_json
 
 METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -371,13 +371,13 @@ def _prefixed(texts: list[str], prefix: str) -> list[str]:
     return [f"{prefix} {t}" if prefix else t for t in texts]
 
 
-@torch.no_grad()
 def _image_embeddings(model, preprocess, images: list, device, batch_size: int) -> np.ndarray:
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([preprocess(im) for im in images[start:start + batch_size]]).to(device)
-        out.append(torch.nn.functional.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
-    return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
+    """Unit-length embeddings (N, d) of PIL images or paths, through the one encoding loop (clip_encoder)."""
+    embeds, reasons = encode_images(model, preprocess, images, device, batch_size)
+    if any(reasons):
+        bad = next(f"{image_name(im, i)} ({why})" for i, (im, why) in enumerate(zip(images, reasons)) if why)
+        raise UnreadableImage(f"cannot score an image that cannot be read: {bad}")
+    return torch.nn.functional.normalize(embeds, dim=-1).double().numpy() if len(images) else np.zeros((0, 0))
 
 
 @torch.no_grad()

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import __version__
+from .clip_encoder import STORED_DTYPE, draft_size, encode_batches, load_clip, precision  # noqa: F401 (draft_size)
 from .config import DataConfig, FeatureConfig, RuntimeConfig
-from .datasets import Captions, UnreadableImage, file_stamp, open_image
+from .datasets import Captions, file_stamp
 from .files import atomic_path, read_json, write_json
-from .runtime import announce_offline, is_offline, resolve_device
-from .standins import clip_archive, clip_standin_name, is_standin
+from .paths import features_dir, models_dir
+from .runtime import is_offline, resolve_device
+from .standins import clip_standin_name
 
 FORMAT_VERSION = 1
 # Settings that decide what the numbers in features.npy mean: a cache that differs in any is refused.
@@ -61,77 +61,11 @@ class FeatureCache:
         return self.captions[self.captions["split"] == name]
 
 
-def load_clip(backbone: str, device: torch.device, offline: bool, models_dir: str | Path):
-    """`clip.load` a real backbone by name, or offline the stand-in archive through the same call.
-
-    Returns (model, preprocess, backbone name as recorded in caches).
-    """
-    import clip
-
-    models_dir = Path(models_dir)
-    if offline:
-        name = clip_standin_name(backbone)
-        announce_offline(f"CLIP {name}, the tiny stand-in this captioner was trained on" if is_standin(backbone)
-                         else f"CLIP '{backbone}' replaced by the tiny stand-in {name}")
-        source = str(clip_archive(backbone, models_dir))
-    else:
-        source, name = backbone, backbone
-    model, preprocess = clip.load(source, device=device, jit=False, download_root=str(models_dir / "clip"))
-    return model.eval(), preprocess, name
-
-
-def draft_size(model) -> int:
-    """JPEGs decode at a reduced scale still twice CLIP's input: much faster, and the same pixels after
-    `preprocess`. The cache, captioning, CLIPScore and the web demo must all decode alike."""
-    return 2 * model.visual.input_resolution
-
-
-class _ImageFiles(Dataset):
-    """Decodes and preprocesses one image; a bad one yields its reason instead of failing the batch."""
-
-    def __init__(self, paths: list[str], preprocess, resolution: int, draft: int):
-        self.paths, self.preprocess, self.resolution, self.draft = paths, preprocess, resolution, draft
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.preprocess(open_image(self.paths[i], draft=self.draft)), ""
-        except UnreadableImage as exc:
-            n = self.resolution
-            return i, torch.zeros(3, n, n), str(exc) or "unreadable"
-
-
-def encode_images(model, preprocess, paths: list[str], batches: list[list[int]], device: torch.device,
-                  num_workers: int = 2, fp16: bool = True):
-    """Yield (positions, features (n_ok, D) float16, bad [(position, reason)]) for each batch of positions.
-
-    Batches are given explicitly so a resumed run groups images exactly as an uninterrupted one.
-    """
-    files = _ImageFiles(paths, preprocess, model.visual.input_resolution, draft_size(model))
-    loader = DataLoader(files, batch_sampler=batches,
-                        num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
-    use_fp16 = fp16 and device.type == "cuda"
-    if device.type == "cuda" and not use_fp16:
-        model.float()
-    for positions, pixels, reasons in loader:
-        ok = [j for j, r in enumerate(reasons) if not r]
-        feats = np.zeros((0, model.visual.output_dim), np.float16)
-        if ok:
-            x = pixels[ok].to(device, non_blocking=True)  # (n_ok, 3, H, W)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=use_fp16):
-                feats = model.encode_image(x).float().cpu().numpy().astype(np.float16)  # (n_ok, D)
-        bad = [(int(positions[j]), reasons[j]) for j, r in enumerate(reasons) if r]
-        yield positions.numpy()[ok], feats, bad
-
-
 def default_cache_dir(data: DataConfig, backbone: str, offline: bool = False) -> Path:
     """data_dir/features/<dataset>-<backbone>; offline, the stand-in's name, so the two never mix."""
     name = clip_standin_name(backbone) if offline else backbone
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
-    return Path(data.data_dir) / "features" / f"{data.dataset}-{slug}"
+    return features_dir(data.data_dir) / f"{data.dataset}-{slug}"
 
 
 def cache_features(captions: Captions, cfg: FeatureConfig, data: DataConfig,
@@ -140,7 +74,7 @@ def cache_features(captions: Captions, cfg: FeatureConfig, data: DataConfig,
     runtime = runtime or RuntimeConfig()
     device = resolve_device(runtime.device)
     offline = is_offline(runtime.offline)
-    model, preprocess, backbone = load_clip(cfg.backbone, device, offline, Path(data.data_dir) / "models")
+    model, preprocess, backbone = load_clip(cfg.backbone, device, offline, models_dir(data.data_dir))
     out = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(data, backbone)
 
     images = captions.images()  # [(image_id, image_path, split)]
@@ -148,7 +82,8 @@ def cache_features(captions: Captions, cfg: FeatureConfig, data: DataConfig,
     meta = {
         "format_version": FORMAT_VERSION, "backbone": backbone, "standin": offline,
         "clip_dim": int(model.visual.output_dim), "image_resolution": int(model.visual.input_resolution),
-        "dtype": "float16", "normalized": False, "chunk_size": cfg.chunk_size,
+        "dtype": np.dtype(STORED_DTYPE).name, "normalized": False, "chunk_size": cfg.chunk_size,
+        "clip_precision": precision(device, cfg.fp16),  # the encoding's dtype rule (clip_encoder.precision)
         "images_fingerprint": _fingerprint(f"{i}\t{p}" for i, p, _ in images),
         "dataset": data.dataset, "source": captions.source, "course_version": __version__,
         "num_images_listed": len(images), "complete": False,
@@ -193,13 +128,13 @@ def _fill_chunks(model, preprocess, paths, todo, cfg, device, chunks_dir, done):
     pending = {k: ([], [], []) for k in todo}  # chunk -> (positions, features, bad)
     skipped, start = 0, time.perf_counter()
     with tqdm(total=total, unit="img", desc="CLIP features") as bar:
-        for positions, feats, bad in encode_images(model, preprocess, paths, batches, device,
-                                                   cfg.num_workers, cfg.fp16):
+        for positions, feats, bad in encode_batches(model, preprocess, paths, batches, device,
+                                                    cfg.num_workers, cfg.fp16):
             first = positions[0] if len(positions) else bad[0][0]
             k = first // cfg.chunk_size
             rows, parts, bads = pending[k]
             rows.extend(positions.tolist())
-            parts.append(feats)
+            parts.append(feats.astype(STORED_DTYPE))
             bads.extend(bad)
             skipped += len(bad)
             bar.update(len(positions) + len(bad))

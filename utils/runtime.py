@@ -31,18 +31,6 @@ def detect_platform() -> str:
     return "local"
 
 
-def default_data_dir() -> str:
-    """CLIPCAP_DATA, else Kaggle's writable /kaggle/working, else `data/` of the checkout we run from."""
-    if os.environ.get("CLIPCAP_DATA"):
-        return os.environ["CLIPCAP_DATA"]
-    if detect_platform() == "kaggle":
-        return "/kaggle/working/data"
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file():
-        return str(checkout / "data")
-    return str(Path.cwd() / "data")
-
-
 @functools.lru_cache(maxsize=None)
 def _hubs_reachable(timeout: float = 2.0) -> bool:
     for host, port in HUB_HOSTS:
@@ -130,6 +118,7 @@ def environment_report(device: str = "auto") -> dict:
     import transformers
 
     from . import __version__
+    from .paths import default_data_dir
 
     try:
         import clip  # noqa: F401  (openai-clip)

@@ -1,0 +1,96 @@
+"""Where things live, decided once: the data folder and the folders inside it.
+
+    <data folder>/              CLIPCAP_DATA, else /kaggle/working/data on Kaggle, else data/ of the checkout
+        models/                 downloaded CLIP weights and the built stand-ins
+        features/<name>/        feature caches (the name: see features.default_cache_dir)
+        runs/<dataset>-<mapper>/  a training run: checkpoints, history, results
+            captioner/          the run's captioner bundle
+
+Every module and notebook asks here (`course_paths()` for all of them at once) rather than joining the
+names itself, so moving the data folder is one setting (CLIPCAP_DATA), and a bundle can name its feature
+cache relative to the data folder (`relative_to_data`) and find it again after the folder moved.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .runtime import detect_platform
+
+MODELS, FEATURES, RUNS, BUNDLE = "models", "features", "runs", "captioner"
+
+
+def default_data_dir() -> str:
+    """CLIPCAP_DATA, else Kaggle's writable /kaggle/working, else `data/` of the checkout we run from."""
+    if os.environ.get("CLIPCAP_DATA"):
+        return os.environ["CLIPCAP_DATA"]
+    if detect_platform() == "kaggle":
+        return "/kaggle/working/data"
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        return str(checkout / "data")
+    return str(Path.cwd() / "data")
+
+
+def data_dir(given: str | Path | None = None) -> Path:
+    """The data folder: `given`, else the default one."""
+    return Path(given or default_data_dir())
+
+
+def models_dir(data: str | Path | None = None) -> Path:
+    """CLIP downloads and the stand-in models."""
+    return data_dir(data) / MODELS
+
+
+def features_dir(data: str | Path | None = None) -> Path:
+    """The folder holding the feature caches."""
+    return data_dir(data) / FEATURES
+
+
+def run_dir(data: str | Path | None, dataset: str, mapper: str) -> Path:
+    """The default folder of a training run: one per dataset and mapper."""
+    return data_dir(data) / RUNS / f"{dataset}-{mapper}"
+
+
+def bundle_dir(run: str | Path) -> Path:
+    """The captioner bundle a training run exports."""
+    return Path(run) / BUNDLE
+
+
+@dataclass(frozen=True)
+class CoursePaths:
+    """The folders of one run of the course, as the notebooks' paths cell prints them."""
+
+    data: Path
+    models: Path
+    cache: Path  # the feature cache notebook 02 makes
+    run: Path  # the training run notebook 03 makes
+    bundle: Path  # the captioner bundle the run exports, read by notebooks 04 and 05
+
+
+def course_paths(dataset: str = "embedded", backbone: str = "ViT-B/32", mapper: str = "transformer",
+                 offline: bool = False, data: str | Path | None = None, **data_settings) -> CoursePaths:
+    """Every folder a run of the course uses, from the settings the notebooks share; `data_settings` are
+    further DataConfig fields (max_images, ...)."""
+    from .config import DataConfig
+    from .features import default_cache_dir
+
+    config = DataConfig(dataset=dataset, data_dir=str(data_dir(data)), **data_settings)
+    run = run_dir(config.data_dir, dataset, mapper)
+    return CoursePaths(Path(config.data_dir), models_dir(config.data_dir),
+                       default_cache_dir(config, backbone, offline), run, bundle_dir(run))
+
+
+def relative_to_data(path: str | Path, data: str | Path | None = None) -> str:
+    """`path` relative to the data folder when it lies inside it (so it survives moving the folder),
+    else absolute; always with '/' separators."""
+    path, root = Path(path).resolve(), data_dir(data).resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+
+
+def in_data(recorded: str | Path, data: str | Path | None = None) -> Path:
+    """A path `relative_to_data` recorded, read back against this data folder (absolute ones unchanged)."""
+    recorded = Path(recorded)
+    return recorded if recorded.is_absolute() else data_dir(data) / recorded
