@@ -7,51 +7,37 @@ so `--batch-size 32` here and `FeatureConfig(batch_size=32)` in a notebook are t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from .config import (DataConfig, DecodeConfig, DecodeConfigError, FeatureConfig, ModelConfig, RuntimeConfig,
-                     TrainConfig, add_arguments, decode_config, from_arguments, given_arguments, standin_preset)
+                     TrainConfig, add_arguments, decode_config, from_arguments, given_arguments)
 
 
 def _runtime(args) -> RuntimeConfig:
     return from_arguments(RuntimeConfig, args)
 
 
-def _root_for(data: DataConfig, runtime: RuntimeConfig) -> Path | None:
-    """Folder of a downloadable dataset (fetched if needed); None for the user's own files."""
-    from .download import KAGGLE_DATASETS, download
-    from .runtime import is_offline
-
-    if data.dataset == "embedded" or data.dataset in KAGGLE_DATASETS:
-        return download(data.dataset, data.data_dir, offline=is_offline(runtime.offline))
-    return None
-
-
 def _captions(data: DataConfig, runtime: RuntimeConfig):
-    from .datasets import load_records
+    from .course import load_captions
 
-    captions = load_records(data, _root_for(data, runtime))
-    print(captions.summary())
-    for line in captions.problems[:20]:
-        print("  note:", line)
-    if len(captions.problems) > 20:
-        print(f"  ... and {len(captions.problems) - 20} more notes")
-    return captions
+    return load_captions(data, runtime)[0]
 
 
 def cmd_info(args) -> None:
-    from .features import load_cache, FeatureCacheError
+    from .features import FeatureCacheError, load_cache
+    from .paths import features_dir, models_dir
     from .runtime import environment_report
 
     report = environment_report(args.device or "auto")
     width = max(map(len, report))
     for key, value in report.items():
         print(f"{key:>{width}}: {value}")
-    data_dir = Path(args.data_dir or DataConfig().data_dir)
-    caches = sorted(p.parent for p in (data_dir / "features").glob("*/meta.json"))
-    print(f"\nfeature caches under {data_dir / 'features'}: {len(caches) or 'none'}")
+    features, models = features_dir(args.data_dir), models_dir(args.data_dir)
+    caches = sorted(p.parent for p in features.glob("*/meta.json"))
+    print(f"\nfeature caches under {features}: {len(caches) or 'none'}")
     for path in caches:
         try:
             m = load_cache(path).meta
@@ -59,35 +45,28 @@ def cmd_info(args) -> None:
                   f"({m['clip_dim']}-d){' [stand-in]' if m['standin'] else ''}, {m['num_skipped']} skipped")
         except FeatureCacheError as exc:
             print(f"  {path.name}: {str(exc).splitlines()[0]}")
-    models = sorted(p.name for p in (data_dir / "models").glob("*")) if (data_dir / "models").is_dir() else []
-    print(f"models under {data_dir / 'models'}: {', '.join(models) or 'none'}")
+    found = sorted(p.name for p in models.glob("*")) if models.is_dir() else []
+    print(f"models under {models}: {', '.join(found) or 'none'}")
 
 
 def cmd_download(args):
+    from .course import load_captions
+
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
-    root = _root_for(data, runtime)
+    captions, root = load_captions(data, runtime)
     if root is None:
         sys.exit(f"--dataset {data.dataset} is read from your own files (--path); there is nothing to download.")
-    captions = _captions(data, runtime)
     print(f"dataset ready at {root}")
     return captions
 
 
-def cmd_features(args, captions=None) -> Path:
+def cmd_features(args) -> Path:
+    from .course import report_cache
     from .features import cache_features, load_cache
 
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
-    feats = from_arguments(FeatureConfig, args)
-    out = cache_features(captions or _captions(data, runtime), feats, data, runtime)
-    cache = load_cache(out)
-    m = cache.meta
-    print(f"feature cache ready at {out}: {m['num_images']} images, {m['num_captions']} captions, "
-          f"{m['clip_dim']}-d {m['backbone']}; {m['num_skipped']} unreadable image(s)"
-          + (f" listed in {out / 'skipped.csv'}" if m["num_skipped"] else ""))
-    for path, reason in cache.skipped[["image_path", "reason"]].head(10).itertuples(index=False):
-        print(f"  skipped {path}: {reason}")
-    if m["num_skipped"] > 10:
-        print(f"  ... and {m['num_skipped'] - 10} more")
+    out = cache_features(_captions(data, runtime), from_arguments(FeatureConfig, args), data, runtime)
+    report_cache(load_cache(out))
     return out
 
 
@@ -95,20 +74,19 @@ def cmd_train(args):
     """Train on a feature cache; offline, the stand-in preset is the base the flags change."""
     from accelerate import PartialState
 
+    from .course import default_configs, training_report
     from .features import default_cache_dir
     from .runtime import is_offline
     from .training import train
 
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
     offline = is_offline(runtime.offline)
-    model_base, train_base = standin_preset() if offline else (ModelConfig(), TrainConfig())
+    model_base, train_base = default_configs(offline)
     model_cfg = from_arguments(ModelConfig, args, model_base)
     train_cfg = from_arguments(TrainConfig, args, train_base)
     cache = args.features or default_cache_dir(data, model_cfg.backbone, offline)
     result = train(cache, model_cfg, train_cfg, runtime, data.data_dir)
-    val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a (no validation split)"
-    PartialState().print(f"trained {result.steps} steps; best validation loss {val}\n"
-          f"captioner bundle: {result.bundle}\nhistory: {result.out_dir / 'history.json'}")
+    PartialState().print(training_report(result))
     return result
 
 
@@ -163,10 +141,7 @@ def cmd_evaluate(args, captioner=None) -> dict:
 
     decode = decode_config(**given_arguments(DecodeConfig, args))
     captioner = captioner or _load_captioner(args)
-    features = args.features or captioner.summary.get("features")
-    if not features:
-        sys.exit(f"error: the bundle {args.model} does not name the feature cache it was trained on: pass "
-                 "--features CACHE_DIR.")
+    features = args.features or captioner.training_cache()  # CaptionerError says where it looked
     scores, per_image = evaluate_split(captioner, load_cache(features), args.split, decode, args.clip_score,
                                        args.out, args.metrics or METRICS)
     if args.json:
@@ -180,43 +155,32 @@ def cmd_evaluate(args, captioner=None) -> dict:
     return scores
 
 
-def cmd_course(args) -> None:
-    """The main job: every stage of the course in order, on the chosen dataset."""
-    from .features import load_cache
-    from .runtime import announce_offline, is_offline
+def cmd_course(args):
+    """The main job: every stage of the course in order, on the chosen dataset (course.run_course)."""
+    from .course import default_configs, run_course
+    from .runtime import is_offline
 
-    if is_offline(_runtime(args).offline):
-        args.offline = True
-        args.dataset = args.dataset or "embedded"
-        announce_offline(f"running the course on the '{args.dataset}' dataset with stand-in models")
-    decode_config(**given_arguments(DecodeConfig, args))  # contradictory decoding flags: refused before training
-    print("== 1/5 download ==")
-    captions = cmd_download(args) if args.dataset in (None, "embedded", "flickr30k", "food") else None
-    print("== 2/5 CLIP features ==")
-    args.features = str(cmd_features(args, captions))
-    print("== 3/5 train the mapper ==")
-    args.batch_size = args.num_workers = None  # those flags were the feature stage's
-    result = cmd_train(args)
-    args.model = str(result.bundle)
-    captioner = _load_captioner(args)
-    images = load_cache(args.features).images
-    args.images = images.loc[images["split"] == "test", "image_path"].head(5).to_list()
-    print("== 4/5 caption ==")
-    if not args.images:
-        print("the test split is empty, so there is nothing to caption or evaluate: use more images")
-        return
-    args.json = False
-    cmd_caption(args, captioner)
-    print("== 5/5 evaluate ==")
-    args.split, args.clip_score, args.metrics = "test", True, None
-    args.out = str(result.out_dir / "results-test.json")
-    cmd_evaluate(args, captioner)
+    runtime = _runtime(args)
+    model_base, train_base = default_configs(is_offline(runtime.offline))
+    # two stages, one namespace: --batch-size is training's, --feature-batch-size and --num-workers the features'
+    features = given_arguments(FeatureConfig, args) | {"batch_size": args.feature_batch_size}
+    train = given_arguments(TrainConfig, args) | {"num_workers": None}
+    decode = decode_config(**given_arguments(DecodeConfig, args))  # contradictions: refused before training
+    return run_course(from_arguments(DataConfig, args), _with(FeatureConfig(), features),
+                      from_arguments(ModelConfig, args, model_base), _with(train_base, train), runtime, decode,
+                      fresh=args.fresh)
+
+
+def _with(config, settings: dict):
+    """`config` with the settings that are not None."""
+    return dataclasses.replace(config, **{k: v for k, v in settings.items() if v is not None})
 
 
 def cmd_serve(args) -> None:
     """The web demo of a trained captioner, until Ctrl+C; the page's knobs start from the decoding flags."""
     from werkzeug.serving import make_server
 
+    from .captioner import CaptionerError
     from .serve import VALIDATION, bundle_title, create_app, folder_examples, validation_examples
 
     decode = decode_config(**given_arguments(DecodeConfig, args))
@@ -226,9 +190,11 @@ def cmd_serve(args) -> None:
     if not args.examples:
         examples, examples_are = validation_examples(captioner), VALIDATION
         if not examples:
-            print(f"no example gallery: no validation images in the feature cache the bundle was trained on "
-                  f"({captioner.summary.get('features') or 'not named'}) here; show a folder with --examples DIR",
-                  file=sys.stderr)
+            try:
+                why = f"no readable validation images in {captioner.training_cache()}"
+            except CaptionerError as exc:
+                why = str(exc)
+            print(f"no example gallery: {why}; show a folder of images with --examples DIR", file=sys.stderr)
     app = create_app(captioner, examples, decode, title=bundle_title(args.model), examples_are=examples_are)
     try:  # port 0: a free port, the one printed below
         server = make_server(args.host, args.port, app, threaded=True)  # a port in use: werkzeug says so, exits 1
@@ -259,9 +225,10 @@ def cmd_import_clipcap(args) -> None:
 def cmd_bench(args) -> None:
     """Each benchmark measures ours and the ClipCap way in the same run and writes a results table."""
     from . import bench
+    from .paths import models_dir as default_models_dir
 
     device, out = args.device or "auto", Path(args.out)
-    models_dir = Path(DataConfig().data_dir) / "models"
+    models_dir = default_models_dir()
     which = ("features", "training", "captioning") if args.what == "all" else (args.what,)
     for name in which:
         if name == "features":
@@ -273,6 +240,11 @@ def cmd_bench(args) -> None:
             result = bench.bench_captioning(images=args.images, device=device, arch=args.arch,
                                             models_dir=models_dir, out_dir=out)
         print(json.dumps(result["summary"], indent=2))
+
+
+COURSE_HELP = ("the main job: run the course's stages end to end. Run again, it reuses a finished feature cache and "
+               "training run and continues unfinished ones (--fresh: a new run). --batch-size is the training "
+               "batch; --feature-batch-size and --num-workers are the feature stage's.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,10 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (caption, evaluate):
         p.add_argument("--model", required=True, help="captioner bundle folder (training writes <run>/captioner)")
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    course = command("course", cmd_course, "the main job: run the course's stages end to end",
-                     [DataConfig, FeatureConfig])
+    course = command("course", cmd_course, COURSE_HELP, [DataConfig])
+    add_arguments(course, FeatureConfig, skip=("batch_size",))
+    course.add_argument("--feature-batch-size", type=int, default=None,
+                        help="images per CLIP forward pass in the feature stage (FeatureConfig.batch_size; "
+                             "`features --batch-size`)")
     add_arguments(course, ModelConfig, only=("mapper", "lm"))
-    add_arguments(course, TrainConfig, only=("epochs", "max_steps", "lr"))
+    add_arguments(course, TrainConfig, only=("epochs", "batch_size", "max_steps", "lr", "out_dir"))
+    course.add_argument("--fresh", action="store_true",
+                        help="train a new run even where a finished or unfinished one is (the earlier run is "
+                             "kept, renamed <run>.1); without it a finished run is reused, an unfinished one "
+                             "resumed")
     serve = command("serve", cmd_serve, "a web page: upload a photo, turn the decoding knobs, read the captions")
     serve.add_argument("--model", required=True, help="captioner bundle folder (training writes <run>/captioner)")
     serve.add_argument("--port", type=int, default=5002, help="0: any free port (the one printed)")

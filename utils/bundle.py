@@ -105,14 +105,15 @@ def training_cache(summary: dict, bundle_path: str | Path | None = None, data: s
     looked and what to do when it is not here, or when the cache found there holds other images.
 
     Looked for, in order: the data folder `data` (default: CLIPCAP_DATA or the usual one); the data folder
-    the bundle sits in (<data>/runs/<run>/captioner); an absolute path as older bundles recorded it.
+    it was trained in; the data folder the bundle sits in (<data>/runs/<run>/captioner); an absolute path
+    as older bundles recorded it.
     """
     recorded = summary.get("features")
     if not recorded:
         raise CaptionerError("this bundle does not name the feature cache it was trained on: pass "
                              "--features CACHE_DIR.")
     tried, other = [], None
-    for candidate in _candidates(recorded, bundle_path, data):
+    for candidate in _candidates(recorded, summary.get("data_dir"), bundle_path, data):
         if candidate in tried:
             continue
         tried.append(candidate)
@@ -133,8 +134,10 @@ def training_cache(summary: dict, bundle_path: str | Path | None = None, data: s
                          f"({data_dir(data)}; CLIPCAP_DATA sets it), or pass --features CACHE_DIR.")
 
 
-def _candidates(recorded: str, bundle_path, data) -> list[Path]:
+def _candidates(recorded: str, made_in: str | None, bundle_path, data) -> list[Path]:
     folders = [data_dir(data)]
+    if made_in:  # the data folder the captioner was trained in, if this machine still has it
+        folders.append(Path(made_in))
     if bundle_path is not None:  # <data>/runs/<run>/captioner: the data folder came along with the bundle
         bundle = Path(bundle_path).resolve()
         if bundle.parent.parent.name == RUNS:

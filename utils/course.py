@@ -1,0 +1,200 @@
+"""The main job as one call: every stage of the course in order, `run_course(...)`.
+
+    download -> records -> feature cache -> training run -> captioner bundle -> captions -> scores
+
+Run again, it does only what is not done yet, and says so: a finished feature cache is reused (no image
+is encoded again) and an unfinished one continued; a finished training run is reused and an unfinished
+one resumed from its last checkpoint. `fresh=True` (`--fresh`) keeps the earlier run under another name
+and trains a new one. `python -m utils course` (and `bash course.sh main`) only parse flags into the
+configs and call this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DataConfig, DecodeConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig, standin_preset
+from .files import read_json
+from .paths import bundle_dir, run_dir
+from .runtime import announce_offline, is_offline
+
+EXAMPLES = 5  # test images captioned at the end, to read
+
+
+@dataclass
+class CourseResult:
+    """What one run of the course made, and what it found already made."""
+
+    cache: Path  # the feature cache
+    run: Path  # the training run: checkpoints, history, results-test.json
+    bundle: Path  # the captioner bundle, for Captioner.from_pretrained
+    scores: dict | None = None  # test-split scores (None: the test split is empty)
+    captions: list[dict] = field(default_factory=list)  # caption_files() results of a few test images
+    done: dict[str, str] = field(default_factory=dict)  # stage -> "made" | "reused" | "continued"
+    set_aside: Path | None = None  # fresh=True: where the earlier run was moved
+
+
+def default_configs(offline: bool) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training settings the course starts from: offline, the stand-in preset."""
+    return standin_preset() if offline else (ModelConfig(), TrainConfig())
+
+
+def load_captions(data: DataConfig, runtime: RuntimeConfig, say=print):
+    """The records of the chosen dataset, downloaded first where it is one the course can fetch."""
+    from .datasets import load_records
+    from .download import KAGGLE_DATASETS, download
+
+    root = None
+    if data.dataset == "embedded" or data.dataset in KAGGLE_DATASETS:
+        root = download(data.dataset, data.data_dir, offline=is_offline(runtime.offline))
+    captions = load_records(data, root)
+    say(captions.summary())
+    for line in captions.problems[:20]:
+        say("  note: " + line)
+    if len(captions.problems) > 20:
+        say(f"  ... and {len(captions.problems) - 20} more notes")
+    return captions, root
+
+
+def report_cache(cache, say=print) -> None:
+    """What a finished feature cache holds, and the first images it could not read."""
+    m, out = cache.meta, cache.path
+    say(f"feature cache ready at {out}: {m['num_images']} images, {m['num_captions']} captions, "
+        f"{m['clip_dim']}-d {m['backbone']}; {m['num_skipped']} unreadable image(s)"
+        + (f" listed in {out / 'skipped.csv'}" if m["num_skipped"] else ""))
+    for path, reason in cache.skipped[["image_path", "reason"]].head(10).itertuples(index=False):
+        say(f"  skipped {path}: {reason}")
+    if m["num_skipped"] > 10:
+        say(f"  ... and {m['num_skipped'] - 10} more")
+
+
+def training_report(result) -> str:
+    """The lines a finished training prints: steps, best validation loss, where the bundle is."""
+    val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a (no validation split)"
+    return (f"trained {result.steps} steps; best validation loss {val}\ncaptioner bundle: {result.bundle}\n"
+            f"history: {result.out_dir / 'history.json'}")
+
+
+def cache_state(out: Path) -> str:
+    """'finished', 'unfinished' (chunks written, not joined) or 'new' for a feature cache folder."""
+    meta = out / "meta.json"
+    if meta.is_file() and read_json(meta).get("complete") and (out / "features.npy").is_file():
+        return "finished"
+    return "unfinished" if (out / "chunks").is_dir() and any((out / "chunks").iterdir()) else "new"
+
+
+def run_state(run: Path) -> str:
+    """'finished' (its bundle was exported after its last checkpoint), 'unfinished' (a checkpoint to
+    resume from) or 'new' for a training run folder."""
+    checkpoint, exported = run / "checkpoint.pt", bundle_dir(run) / "config.json"
+    if not checkpoint.is_file():
+        return "new"
+    if exported.is_file() and exported.stat().st_mtime >= checkpoint.stat().st_mtime:
+        return "finished"  # train() exports the bundle as its very last step
+    return "unfinished"
+
+
+def set_aside(run: Path) -> Path:
+    """Move an earlier run to <run>.1 (or .2, ...) so a fresh one can start in its folder; returns where."""
+    k = 1
+    while run.with_name(f"{run.name}.{k}").exists():
+        k += 1
+    target = run.with_name(f"{run.name}.{k}")
+    run.rename(target)
+    return target
+
+
+def run_course(data: DataConfig | None = None, features: FeatureConfig | None = None,
+               model: ModelConfig | None = None, train: TrainConfig | None = None,
+               runtime: RuntimeConfig | None = None, decode: DecodeConfig | None = None, fresh: bool = False,
+               examples: int = EXAMPLES, say=print) -> CourseResult:
+    """Download, cache CLIP features, train, caption a few test images and score the test split.
+
+    model / train default to `default_configs` (offline: the stand-in preset). The run goes to
+    train.out_dir, else <data>/runs/<dataset>-<mapper>. Returns the paths made and the scores.
+    """
+    from .captioner import Captioner
+    from .evaluation import METRICS, evaluate_split, results_table
+    from .features import cache_features, default_cache_dir, load_cache
+    from .runtime import resolve_device
+    from .training import TrainingError
+    from .training import train as train_captioner
+
+    data, features, runtime = data or DataConfig(), features or FeatureConfig(), runtime or RuntimeConfig()
+    offline = is_offline(runtime.offline)
+    if offline:
+        runtime = dataclasses.replace(runtime, offline=True)
+        announce_offline(f"running the course on the '{data.dataset}' dataset with stand-in models")
+    base_model, base_train = default_configs(offline)
+    model, train = model or base_model, train or base_train
+    done: dict[str, str] = {}
+
+    say("== 1/5 download ==")
+    captions, _ = load_captions(data, runtime, say)
+
+    say("== 2/5 CLIP features ==")
+    cache_dir = Path(features.cache_dir) if features.cache_dir else default_cache_dir(data, features.backbone, offline)
+    state = cache_state(cache_dir)
+    done["features"] = {"finished": "reused", "unfinished": "continued", "new": "made"}[state]
+    say({"finished": f"reusing the finished feature cache at {cache_dir}: no image is encoded again",
+         "unfinished": f"continuing the unfinished feature cache at {cache_dir}",
+         "new": f"encoding every image once into {cache_dir}"}[state])
+    cache_dir = cache_features(captions, dataclasses.replace(features, cache_dir=str(cache_dir)), data, runtime)
+    cache = load_cache(cache_dir)
+    report_cache(cache, say)
+
+    say("== 3/5 train the mapper ==")
+    run = Path(train.out_dir) if train.out_dir else run_dir(data.data_dir, data.dataset, model.mapper)
+    aside = None
+    if fresh and run.exists() and any(run.iterdir()):
+        aside = set_aside(run)
+        say(f"--fresh: the earlier run is kept at {aside}; training a new one in {run}")
+    state = run_state(run)
+    bundle = bundle_dir(run)
+    if state == "finished":
+        done["training"] = "reused"
+        steps = read_json(bundle / "config.json").get("summary", {}).get("steps")
+        say(f"reusing the finished training run at {run} ({steps} steps): nothing is trained again. To train "
+            "anew (other settings, say), pass --fresh: the earlier run is kept beside the new one.")
+    else:
+        done["training"] = "continued" if state == "unfinished" else "made"
+        if state == "unfinished":
+            say(f"continuing the unfinished training run at {run} from its last checkpoint")
+        try:
+            result = train_captioner(cache_dir, model, dataclasses.replace(train, out_dir=str(run),
+                                                                           resume=state == "unfinished"),
+                                     runtime, data.data_dir)
+        except TrainingError as exc:
+            if state != "unfinished":
+                raise
+            raise TrainingError(f"{exc}\nWith the course: --fresh starts a new run, keeping this one beside it."
+                                ) from None
+        say(training_report(result))
+        bundle = result.bundle
+
+    course = CourseResult(cache_dir, run, bundle, done=done, set_aside=aside)
+    captioner = Captioner.from_pretrained(bundle, resolve_device(runtime.device))
+    images = cache.images.loc[cache.images["split"] == "test", "image_path"].head(examples).to_list()
+    say("== 4/5 caption ==")
+    if not images:
+        say("the test split is empty, so there is nothing to caption or evaluate: use more images")
+        return course
+    decode = decode or DecodeConfig()
+    course.captions = captioner.caption_files(images, decode)
+    for r in course.captions:
+        if r["error"]:
+            say(f"skipped {r['image']}: {r['error']} (replace or remove the file)")
+        else:
+            for caption in [r["caption"]] if isinstance(r["caption"], str) else r["caption"]:
+                say(f"{r['image']}\t{caption}")
+
+    say("== 5/5 evaluate ==")
+    out = run / "results-test.json"
+    course.scores, per_image = evaluate_split(captioner, cache, "test", decode, True, out, METRICS)
+    say(f"{len(per_image)} 'test' images of {cache_dir}, captioned by {decode.method} decoding (scores x100):")
+    say(results_table(course.scores).to_string())
+    say(f"scores and per-image captions written to {out}")
+    say("done: " + ", ".join(f"{stage} {what}" for stage, what in done.items()))
+    return course
