@@ -141,9 +141,10 @@ def cmd_evaluate(args, captioner=None) -> dict:
 
     decode = decode_config(**given_arguments(DecodeConfig, args))
     captioner = captioner or _load_captioner(args)
-    features = args.features or captioner.training_cache()  # CaptionerError says where it looked
-    scores, per_image = evaluate_split(captioner, load_cache(features), args.split, decode, args.clip_score,
-                                       args.out, args.metrics or METRICS)
+    cache = load_cache(args.features) if args.features else captioner.training_cache()  # or: where it looked
+    features = cache.path
+    scores, per_image = evaluate_split(captioner, cache, args.split, decode, args.clip_score, args.out,
+                                       args.metrics or METRICS)
     if args.json:
         print(json.dumps({"split": args.split, "images": len(per_image), "scores": scores}, indent=2))
     else:
@@ -191,7 +192,7 @@ def cmd_serve(args) -> None:
         examples, examples_are = validation_examples(captioner), VALIDATION
         if not examples:
             try:
-                why = f"no readable validation images in {captioner.training_cache()}"
+                why = f"no validation images in the feature cache at {captioner.training_cache().path}"
             except CaptionerError as exc:
                 why = str(exc)
             print(f"no example gallery: {why}; show a folder of images with --examples DIR", file=sys.stderr)

@@ -112,8 +112,9 @@ class Captioner(CaptionModel):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "Captioner":
         return bundle.load(cls, path, device)
 
-    def training_cache(self, data_dir: str | Path | None = None) -> Path:
-        """The feature cache this captioner was trained on, found on this machine (see bundle.training_cache)."""
+    def training_cache(self, data_dir: str | Path | None = None):
+        """The feature cache (FeatureCache) this captioner was trained on, found on this machine even after
+        its data folder moved; CaptionerError says where it looked when it is not here (bundle.py)."""
         return bundle.training_cache(self.summary, self.bundle_path, data_dir)
 
 

@@ -22,7 +22,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from .config import METHOD_ONLY, DecodeConfig, DecodeConfigError, decode_config
 from .datasets import IMAGE_SUFFIXES, DatasetError, UnreadableImage, decode_image, open_image, preview_png
-from .features import FeatureCacheError, draft_size, load_cache
+from .features import FeatureCacheError, draft_size
+from .model import CaptionerError
 from .standins import is_standin
 
 MAX_BYTES = 10 * 1024 * 1024  # an upload over 10 MB is refused before it is read
@@ -68,12 +69,9 @@ VALIDATION = "validation images of the training data"  # what the gallery shows 
 def validation_examples(captioner, limit: int = EXAMPLES) -> dict[str, str]:
     """name -> path of the first validation images of the feature cache the bundle was trained on;
     empty when the bundle names no cache or the cache is not on this machine."""
-    features = getattr(captioner, "summary", {}).get("features")
-    if not features:  # load_cache("") would read the current folder
-        return {}
-    try:
-        cache = load_cache(features)
-    except FeatureCacheError:
+    try:  # found even where the data folder moved (bundle.training_cache)
+        cache = captioner.training_cache()
+    except (CaptionerError, FeatureCacheError):
         return {}
     val = cache.images[cache.images["split"] == "val"].head(limit)
     return dict(zip(val["image_id"], val["image_path"]))
