@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from utils import runtime
+from utils import paths, runtime
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig, add_arguments, from_arguments
 
 
@@ -48,10 +48,10 @@ def test_platform_detection(monkeypatch):
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
     assert runtime.detect_platform() == "kaggle"
     monkeypatch.delenv("CLIPCAP_DATA", raising=False)
-    assert runtime.default_data_dir() == "/kaggle/working/data"
+    assert paths.default_data_dir() == "/kaggle/working/data"
     monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE")
     monkeypatch.setenv("CLIPCAP_DATA", "/somewhere")
-    assert runtime.default_data_dir() == "/somewhere"
+    assert paths.default_data_dir() == "/somewhere"
 
 
 def test_gpu_check_passes_where_there_is_no_gpu():
@@ -59,11 +59,19 @@ def test_gpu_check_passes_where_there_is_no_gpu():
     assert str(runtime.resolve_device("auto")) in ("cpu", "cuda")
 
 
-def test_course_main_job_runs_offline_end_to_end(tmp_path):
+def test_course_main_job_runs_offline_end_to_end_and_again(tmp_path):
     proc = run_cli("course", "--embedded-images", "90", "--num-workers", "0", data_dir=tmp_path)
     assert "OFFLINE MODE" in proc.stderr
     assert "270 captions of 90 images" in proc.stdout
     assert "feature cache ready at" in proc.stdout
+    assert "done: features made, training made" in proc.stdout
+    again = run_cli("course", "--embedded-images", "90", "--num-workers", "0", data_dir=tmp_path).stdout
+    assert "reusing the finished feature cache at" in again and "reusing the finished training run at" in again
+    assert again.splitlines()[-1] == "done: features reused, training reused"
+    def scores(out):
+        return out.split("(scores x100):")[1].split("scores and per-image")[0]
+
+    assert scores(again) == scores(proc.stdout)  # the same captioner, the same scores
     info = run_cli("info", data_dir=tmp_path).stdout
     assert "embedded-standin-ViT: 90 images, 270 captions, standin:ViT (64-d) [stand-in]" in info
     assert "standin-clip-vit.pt" in info and "torch:" in info and "gpu_check:" in info

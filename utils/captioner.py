@@ -63,7 +63,6 @@ class Captioner(CaptionModel):
                           stacklevel=3)
         return trained != "fp32"
 
-    @torch.no_grad()
     def encode_images(self, images: list, batch_size: int = 32) -> tuple[torch.Tensor, list[str]]:
         """CLIP embeddings of PIL images or image paths, made as the feature cache makes them.
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import DataConfig, DecodeConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig, standin_preset
 from .files import read_json
-from .paths import bundle_dir, run_dir
+from .paths import bundle_dir, models_dir, run_dir
 from .runtime import announce_offline, is_offline
 
 EXAMPLES = 5  # test images captioned at the end, to read
@@ -176,6 +176,7 @@ def run_course(data: DataConfig | None = None, features: FeatureConfig | None = 
 
     course = CourseResult(cache_dir, run, bundle, done=done, set_aside=aside)
     captioner = Captioner.from_pretrained(bundle, resolve_device(runtime.device))
+    captioner.image_encoder(models_dir(data.data_dir))  # the course's CLIP, from its own data folder
     images = cache.images.loc[cache.images["split"] == "test", "image_path"].head(examples).to_list()
     say("== 4/5 caption ==")
     if not images:
