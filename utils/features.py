@@ -5,7 +5,8 @@ training epoch from "decode and encode 31k images" into "read a 31k x 512 array"
 in chunks, each written atomically, so a dropped Kaggle/Colab session resumes where it stopped.
 
 Layout of a cache folder:
-    meta.json       backbone, width, resolution, dtype, counts, fingerprints (the captions file's too), complete flag
+    meta.json       backbone, width, resolution, dtype, clip_precision (the encoding's dtype rule: clip_encoder),
+                    counts, fingerprints (the captions file's too), complete flag
     features.npy    (N, clip_dim) float16, one row per readable image, not normalised
     images.csv      feature_row, image_id, image_path, split
     captions.csv    feature_row, image_id, caption, split (one row per caption)
@@ -27,7 +28,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import __version__
-from .clip_encoder import STORED_DTYPE, draft_size, encode_batches, load_clip, precision  # noqa: F401 (draft_size)
+from .clip_encoder import STORED_DTYPE, encode_batches, load_clip, precision
 from .config import DataConfig, FeatureConfig, RuntimeConfig
 from .datasets import Captions, file_stamp
 from .files import atomic_path, read_json, write_json

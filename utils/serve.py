@@ -20,9 +20,10 @@ from flask import Flask, jsonify, render_template_string, request
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from .clip_encoder import draft_size
 from .config import METHOD_ONLY, DecodeConfig, DecodeConfigError, decode_config
 from .datasets import IMAGE_SUFFIXES, DatasetError, UnreadableImage, decode_image, open_image, preview_png
-from .features import FeatureCacheError, draft_size
+from .features import FeatureCacheError
 from .model import CaptionerError
 from .standins import is_standin
 
