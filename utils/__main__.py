@@ -30,7 +30,7 @@ def _root_for(data: DataConfig, runtime: RuntimeConfig) -> Path | None:
 
 
 def _captions(data: DataConfig, runtime: RuntimeConfig):
-    from .datasets import load_records
+    from .readers import load_records
 
     captions = load_records(data, _root_for(data, runtime))
     print(captions.summary())
@@ -121,7 +121,7 @@ def _load_captioner(args):
 
 def _image_files(targets: list[str]) -> list[str]:
     """Files as given (an unreadable one is reported later, by name); folders: the images inside, sorted."""
-    from .datasets import IMAGE_SUFFIXES
+    from .images import IMAGE_SUFFIXES
 
     files = []
     for target in targets:
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from .captioner import CaptionerError
     from .clipcap_import import ClipCapImportError
-    from .datasets import DatasetError
+    from .records import DatasetError
     from .download import DownloadError
     from .evaluation import EvaluationError
     from .features import FeatureCacheError

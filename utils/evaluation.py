@@ -33,7 +33,7 @@ import torch
 
 from .captioner import image_name
 from .config import DecodeConfig
-from .datasets import UnreadableImage, open_image
+from .images import UnreadableImage, open_image
 from .features import draft_size
 from .files import write_json
 

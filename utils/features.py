@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import DataConfig, FeatureConfig, RuntimeConfig
-from .datasets import Captions, UnreadableImage, file_stamp, open_image
+from .images import UnreadableImage, draft_side, open_image
+from .records import Captions, file_stamp
 from .files import atomic_path, read_json, write_json
 from .runtime import announce_offline, is_offline, resolve_device
 from .standins import clip_archive, clip_standin_name, is_standin
@@ -83,7 +84,7 @@ def load_clip(backbone: str, device: torch.device, offline: bool, models_dir: st
 def draft_size(model) -> int:
     """JPEGs decode at a reduced scale still twice CLIP's input: much faster, and the same pixels after
     `preprocess`. The cache, captioning, CLIPScore and the web demo must all decode alike."""
-    return 2 * model.visual.input_resolution
+    return draft_side(model.visual.input_resolution)
 
 
 class _ImageFiles(Dataset):

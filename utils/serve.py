@@ -21,7 +21,8 @@ from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .config import METHOD_ONLY, DecodeConfig, DecodeConfigError, decode_config
-from .datasets import IMAGE_SUFFIXES, DatasetError, UnreadableImage, decode_image, open_image, preview_png
+from .images import IMAGE_SUFFIXES, UnreadableImage, decode_image, open_image, preview_png
+from .records import DatasetError
 from .features import FeatureCacheError, draft_size, load_cache
 from .standins import is_standin
 
