@@ -166,7 +166,8 @@ def test_earlier_download_is_reused(isolated, capsys):
 
 @pytest.mark.fault
 def test_offline_without_input_says_what_to_do(isolated):
-    with pytest.raises(dl.DownloadError, match=r"no network\): attach the dataset .*--dataset embedded"):
+    with pytest.raises(dl.DownloadError, match=r"no network\): in a Kaggle notebook, attach the dataset .*"
+                       r"--dataset flickr30k --path .*--dataset embedded"):
         dl.download("flickr30k", isolated / "data", offline=True)
 
 
@@ -284,8 +285,8 @@ def kaggle_http_error(status: int, handle: str = FLICKR) -> KaggleApiHTTPError:
 
 @pytest.mark.parametrize("status, credentials, expected", [
     (401, None, "no Kaggle credentials were found"),
-    (403, None, "Create New Token"),
-    (401, "~/.kaggle/kaggle.json", "credentials from ~/.kaggle/kaggle.json were refused: create a new token"),
+    (403, None, '"Generate New Token"'),
+    (401, "~/.kaggle/kaggle.json", "credentials from ~/.kaggle/kaggle.json were refused: create a new one"),
     (403, "KAGGLE_API_TOKEN", "accept the dataset's terms / rules on its Kaggle page "
                               "https://www.kaggle.com/datasets/hsankesara/flickr-image-dataset"),
     (404, None, f"dataset {FLICKR} not found on Kaggle"),
@@ -300,8 +301,9 @@ def test_http_errors_are_explained(status, credentials, expected):
 
 def test_no_credentials_message_lists_the_three_ways():
     text = str(dl.explain_failure(kaggle_http_error(401), FLICKR, None))
-    for way in ("chmod 600", "KAGGLE_USERNAME and KAGGLE_KEY", "KAGGLE_API_TOKEN",
-                "kaggle.com -> Settings -> API -> Create New Token"):
+    for way in ("chmod 600 ~/.kaggle/kaggle.json", "KAGGLE_USERNAME and KAGGLE_KEY", "KAGGLE_API_TOKEN",
+                "~/.kaggle/access_token", '"Generate New Token"', '"Create Legacy API Key": save the kaggle.json',
+                "https://www.kaggle.com/settings/api", "--path"):
         assert way in text
 
 

@@ -21,12 +21,10 @@ def _runtime(args) -> RuntimeConfig:
 
 def _root_for(data: DataConfig, runtime: RuntimeConfig) -> Path | None:
     """Folder of a downloadable dataset (fetched if needed); None for the user's own files."""
-    from .download import KAGGLE_DATASETS, download
+    from .download import dataset_root
     from .runtime import is_offline
 
-    if data.dataset == "embedded" or data.dataset in KAGGLE_DATASETS:
-        return download(data.dataset, data.data_dir, offline=is_offline(runtime.offline))
-    return None
+    return dataset_root(data, is_offline(runtime.offline))
 
 
 def _captions(data: DataConfig, runtime: RuntimeConfig):
@@ -65,11 +63,21 @@ def cmd_info(args) -> None:
 
 def cmd_download(args):
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
+    if data.dataset == "coco" and not data.path:  # COCO by its URLs; then the reader takes what came
+        from dataclasses import replace
+
+        from .download import download_coco
+        from .runtime import is_offline
+
+        data = replace(data, path=str(download_coco(data.data_dir, getattr(args, "split", None) or "train2014",
+                                                    data.max_images, offline=is_offline(runtime.offline),
+                                                    base_url=getattr(args, "base_url", None))))
+        return _captions(data, runtime)
     root = _root_for(data, runtime)
-    if root is None:
+    if root is None and not data.path:
         sys.exit(f"--dataset {data.dataset} is read from your own files (--path); there is nothing to download.")
     captions = _captions(data, runtime)
-    print(f"dataset ready at {root}")
+    print(f"dataset ready at {root or data.path}")
     return captions
 
 
@@ -289,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = command("info", cmd_info, "print the environment, GPU check and what is cached")
     info.add_argument("--data-dir", default=None)
-    command("download", cmd_download, "fetch a dataset (Kaggle / attached input / embedded)", [DataConfig])
+    download = command("download", cmd_download, "fetch a dataset (Kaggle / attached input / embedded / COCO)",
+                       [DataConfig])
+    download.add_argument("--split", default=None, help="coco: train2014 (default), val2014, train2017 or val2017")
+    download.add_argument("--base-url", default=None, help="coco: where annotations/ and the images are "
+                          "(default: CLIPCAP_COCO_URL, else http://images.cocodataset.org)")
     command("features", cmd_features, "cache CLIP image features (resumable)", [DataConfig, FeatureConfig])
     train = command("train", cmd_train, "train the mapper (and chosen LM blocks) on cached features",
                     [DataConfig, ModelConfig, TrainConfig])
