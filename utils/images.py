@@ -49,8 +49,8 @@ def check_size(width: int, height: int, max_pixels: int | None = None) -> None:
     """Raise UnreadableImage for an image over `max_pixels` (default MAX_IMAGE_PIXELS), saying its size."""
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if width * height > limit:
-        raise UnreadableImage(f"too large: {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), "
-                              f"over the limit of {limit / 1e6:g} megapixels; shrink it first")
+        raise UnreadableImage(f"too large: {width}x{height} pixels, over the limit of {limit / 1e6:g} "
+                              "megapixels; shrink it first")
 
 
 _TAR_LOCK = threading.Lock()  # one TarFile has one file position: threads take turns

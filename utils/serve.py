@@ -21,13 +21,13 @@ from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .config import METHOD_ONLY, DecodeConfig, DecodeConfigError, decode_config
-from .images import IMAGE_SUFFIXES, UnreadableImage, decode_image, open_image, preview_png
+from .images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, UnreadableImage, decode_image, open_image, preview_png
 from .records import DatasetError
 from .features import FeatureCacheError, draft_size, load_cache
 from .standins import is_standin
 
 MAX_BYTES = 10 * 1024 * 1024  # an upload over 10 MB is refused before it is read
-MAX_PIXELS = 50_000_000  # and an image over 50 megapixels before it is decoded
+MAX_PIXELS = MAX_IMAGE_PIXELS  # and an image over the one size limit of utils/images.py, before it is decoded
 KEEP = 32  # images whose embeddings are kept; an older upload must be sent again
 EXAMPLES = 12  # images in the gallery
 PREVIEW, THUMB = 320, 88  # pixels on the long edge of the shown image and of a gallery thumbnail
