@@ -54,10 +54,10 @@ def quick_train_config(out: Path, **changes):
 
 
 def embedded_set(folder: Path, n_images: int, seed: int) -> dict[str, list[str]]:
-    """Generate an embedded set with `utils.datasets.make_embedded`; returns image file name -> captions."""
+    """Generate an embedded set with `utils.embedded.make_embedded`; returns image file name -> captions."""
     import csv
 
-    from utils.datasets import make_embedded
+    from utils.embedded import make_embedded
 
     make_embedded(folder, n_images=n_images, seed=seed)
     captions: dict[str, list[str]] = {}
@@ -89,7 +89,7 @@ def run_cli(*args: str, data_dir: Path, timeout: float = 300, check: bool = True
 def small_cache(data_dir) -> Path:
     """A feature cache of 240 embedded images, made by the real feature code with the stand-in CLIP."""
     from utils.config import DataConfig, FeatureConfig, RuntimeConfig
-    from utils.datasets import load_records
+    from utils.readers import load_records
     from utils.features import cache_features
 
     data = DataConfig(dataset="embedded", data_dir=str(data_dir), max_images=240, val_fraction=0.1)

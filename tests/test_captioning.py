@@ -22,7 +22,7 @@ from utils.__main__ import main
 from utils.captioner import Captioner, generate_kwargs, load_language_model
 from utils.config import (DecodeConfig, DecodeConfigError, ModelConfig, RuntimeConfig, decode_config,
                           standin_preset)
-from utils.datasets import UnreadableImage
+from utils.images import UnreadableImage
 from utils.evaluation import (EvaluationError, clip_score, evaluate_split, references_by_image, temperature_summary,
                               temperature_table)
 from utils.features import load_cache

@@ -15,8 +15,10 @@ import pytest
 from PIL import Image
 
 from utils.config import DataConfig
-from utils.datasets import (EMBEDDED_ATTRIBUTES, DatasetError, UnreadableImage, load_records, make_embedded,
-                            open_image, split_for)
+from utils.embedded import EMBEDDED_ATTRIBUTES, make_embedded
+from utils.images import UnreadableImage, open_image
+from utils.readers import load_records
+from utils.records import DatasetError, split_for
 
 
 def _cfg(tmp_path: Path, **kw) -> DataConfig:
@@ -181,7 +183,8 @@ def test_webdataset_shard(tmp_path):
 
     caps = load_records(_cfg(tmp_path, dataset="webdataset", path=str(tmp_path / "shards" / "*.tar")))
 
-    assert [r.caption for r in caps.records] == ["a red square", "still red", "x one", "x two", "single"]
+    # img2dataset's .txt holds one caption, newlines and all
+    assert [r.caption for r in caps.records] == ["a red square still red", "x one", "x two", "single"]
     assert caps.records[0].image_path == f"{shard}::s/000.jpg"
     assert caps.records[0].image_id == "shard-000/s/000"
     assert caps.skipped == 1 and "s/003" in caps.problems[0]

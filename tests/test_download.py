@@ -166,7 +166,8 @@ def test_earlier_download_is_reused(isolated, capsys):
 
 @pytest.mark.fault
 def test_offline_without_input_says_what_to_do(isolated):
-    with pytest.raises(dl.DownloadError, match=r"no network\): attach the dataset .*--dataset embedded"):
+    with pytest.raises(dl.DownloadError, match=r"no network\): in a Kaggle notebook, attach the dataset .*"
+                       r"--dataset flickr30k --path .*--dataset embedded"):
         dl.download("flickr30k", isolated / "data", offline=True)
 
 
@@ -284,8 +285,8 @@ def kaggle_http_error(status: int, handle: str = FLICKR) -> KaggleApiHTTPError:
 
 @pytest.mark.parametrize("status, credentials, expected", [
     (401, None, "no Kaggle credentials were found"),
-    (403, None, "Create New Token"),
-    (401, "~/.kaggle/kaggle.json", "credentials from ~/.kaggle/kaggle.json were refused: create a new token"),
+    (403, None, '"Generate New Token"'),
+    (401, "~/.kaggle/kaggle.json", "credentials from ~/.kaggle/kaggle.json were refused: create a new one"),
     (403, "KAGGLE_API_TOKEN", "accept the dataset's terms / rules on its Kaggle page "
                               "https://www.kaggle.com/datasets/hsankesara/flickr-image-dataset"),
     (404, None, f"dataset {FLICKR} not found on Kaggle"),
@@ -300,10 +301,128 @@ def test_http_errors_are_explained(status, credentials, expected):
 
 def test_no_credentials_message_lists_the_three_ways():
     text = str(dl.explain_failure(kaggle_http_error(401), FLICKR, None))
-    for way in ("chmod 600", "KAGGLE_USERNAME and KAGGLE_KEY", "KAGGLE_API_TOKEN",
-                "kaggle.com -> Settings -> API -> Create New Token"):
+    for way in ("chmod 600 ~/.kaggle/kaggle.json", "KAGGLE_USERNAME and KAGGLE_KEY", "KAGGLE_API_TOKEN",
+                "~/.kaggle/access_token", '"Generate New Token"', '"Create Legacy API Key": save the kaggle.json',
+                "https://www.kaggle.com/settings/api", "--path"):
         assert way in text
 
 
 def test_unknown_failures_are_left_alone():
     assert dl.explain_failure(KeyError("x"), FLICKR, None) is None
+
+
+# ---- COCO by URL, from a local server copying images.cocodataset.org's layout ----------------------
+
+def _fake_coco(root, n=12, missing=(3, 7), broken=(5,)):
+    """annotations/annotations_trainval2014.zip (with captions_train2014.json in COCO's structure) and
+    train2014/COCO_train2014_<id>.jpg; images `missing` are absent (404), `broken` hold bytes that are no JPEG."""
+    from PIL import Image
+
+    images, annotations = [], []
+    (root / "train2014").mkdir(parents=True)
+    for k in range(n):
+        image_id = 1000 + 17 * k
+        name = f"COCO_train2014_{image_id:012d}.jpg"
+        images.append({"license": 3, "file_name": name, "coco_url": f"http://images.cocodataset.org/train2014/{name}",
+                       "height": 24, "width": 32, "date_captured": "2013-11-14 16:28:13",
+                       "flickr_url": f"http://farm4.staticflickr.com/{name}", "id": image_id})
+        annotations += [{"image_id": image_id, "id": 10 * k + j, "caption": f"picture {k}, caption {j}."}
+                        for j in range(5)]
+        if k in missing:
+            continue
+        if k in broken:
+            (root / "train2014" / name).write_bytes(b"<html>rate limited</html>")
+        else:
+            Image.new("RGB", (32, 24), (20 * k % 256, 90, 160)).save(root / "train2014" / name)
+    data = {"info": {"description": "COCO 2014 Dataset"}, "licenses": [], "images": images,
+            "annotations": annotations}
+    (root / "annotations").mkdir()
+    with zipfile.ZipFile(root / "annotations" / "annotations_trainval2014.zip", "w") as z:
+        z.writestr("annotations/captions_train2014.json", json.dumps(data))
+        z.writestr("annotations/instances_train2014.json", "{}")
+    return images
+
+
+@pytest.fixture()
+def coco_server(tmp_path):
+    """http.server on 127.0.0.1 serving the fake COCO; yields (base URL, served root, requested paths)."""
+    served = tmp_path / "served"
+    images = _fake_coco(served)
+    requested = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(served), **kw)
+
+        def log_request(self, code="-", size="-"):
+            requested.append(self.requestline)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", served, images, requested
+    server.shutdown()
+    server.server_close()
+
+
+def test_coco_download_counts_failures_resumes_and_reads(coco_server, tmp_path, capsys):
+    from utils.config import DataConfig
+    from utils.readers import load_records
+
+    base, served, images, requested = coco_server
+    data = tmp_path / "data"
+    path = dl.download_coco(data, "train2014", max_images=10, base_url=base, workers=4)
+    out = capsys.readouterr().out
+    assert "10 images asked for, 0 already here, 10 to download" in out
+    assert "7 of 10 images on disk, 3 failed" in out  # 3 and 7 are missing (404), 5 is no JPEG
+    assert "HTTP 404" in out and "not an image" in out
+    failed = (data / "coco" / "train2014-failed.csv").read_text().splitlines()
+    assert failed[0] == "file_name,url,reason" and len(failed) == 4
+    assert {line.split(",")[0] for line in failed[1:]} == {images[k]["file_name"] for k in (3, 5, 7)}
+    got = sorted(p.name for p in (data / "coco" / "train2014").iterdir())
+    assert got == sorted(img["file_name"] for k, img in enumerate(images[:10]) if k not in (3, 5, 7))
+    assert not list((data / "coco").rglob(".*tmp*")), "no partial file is left behind"
+
+    caps = load_records(DataConfig(dataset="coco", data_dir=str(data), path=str(path)))
+    assert len(caps.images()) == 10 and len(caps.records) == 50  # the 10 asked for, 5 captions each
+    assert any("3 of 10 images named in captions_train2014.json are missing on disk" in p for p in caps.problems)
+
+    # the rerun fetches only what is missing (annotations kept, good images skipped), and still loses nothing
+    (served / "train2014" / images[3]["file_name"]).write_bytes((served / "train2014" / images[0]["file_name"])
+                                                                .read_bytes())
+    requested.clear()
+    dl.download_coco(data, "train2014", max_images=10, base_url=base, workers=4)
+    out = capsys.readouterr().out
+    assert "10 images asked for, 7 already here, 3 to download" in out and "8 of 10 images on disk, 2 failed" in out
+    assert sorted(requested) == sorted(f'GET /train2014/{images[k]["file_name"]} HTTP/1.1' for k in (3, 5, 7))
+    assert (data / "coco" / "train2014" / images[3]["file_name"]).is_file()
+
+
+def test_coco_download_offline_says_what_to_do(tmp_path):
+    with pytest.raises(dl.DownloadError, match=r"offline .*--dataset coco --path .*captions_train2014.json"):
+        dl.download_coco(tmp_path, "train2014", offline=True)
+    with pytest.raises(dl.DownloadError, match="unknown COCO split 'train2015'"):
+        dl.download_coco(tmp_path, "train2015")
+
+
+def test_coco_download_cli_then_features(coco_server, tmp_path, data_dir):
+    """`download --dataset coco` as a user runs it (the local server stands for images.cocodataset.org),
+    then `features --offline` on what came; offline, the download stops with one clear message."""
+    from conftest import run_cli
+
+    base, _, _, _ = coco_server
+    data = tmp_path / "data"
+    args = ("download", "--dataset", "coco", "--split", "train2014", "--max-images", "6", "--base-url", base)
+    proc = run_cli(*args, "--no-offline", data_dir=data)
+    assert "4 of 6 images on disk, 2 failed" in proc.stdout and "30 captions of 6 images" in proc.stdout
+    captions = data / "coco" / "annotations" / "captions_train2014.json"
+    proc = run_cli("features", "--dataset", "coco", "--path", str(captions), "--num-workers", "0",
+                   "--device", "cpu", data_dir=data_dir)  # the session's data folder: stand-ins built once
+    assert "4 images, 20 captions" in proc.stdout and "2 unreadable image(s)" in proc.stdout
+
+    proc = run_cli(*args, data_dir=tmp_path / "other", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: cannot download COCO train2014 offline (no network)" in proc.stderr

@@ -27,7 +27,7 @@ from PIL import Image
 from conftest import TouchWhenUnpickled, quick_train_config, run_cli
 from utils.captioner import Captioner, CaptionerError
 from utils.config import ModelConfig, RuntimeConfig
-from utils.datasets import UnreadableImage, decode_image
+from utils.images import UnreadableImage, decode_image
 from utils.features import load_cache
 from utils.files import DiskFull
 from utils.training import train

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import ROOT, cli_env, run_cli
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig
-from utils.datasets import load_records
+from utils.readers import load_records
 from utils.features import FeatureCacheError, cache_features, load_cache
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")

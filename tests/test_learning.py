@@ -16,7 +16,8 @@ import torch
 
 from utils.captioner import Captioner
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig, standin_preset
-from utils.datasets import embedded_attributes, load_records
+from utils.embedded import embedded_attributes
+from utils.readers import load_records
 from utils.evaluation import references_by_image, score_captions
 from utils.features import cache_features, load_cache
 from utils.training import train

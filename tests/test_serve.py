@@ -23,7 +23,7 @@ from utils.captioner import Captioner
 from utils.config import DecodeConfig, RuntimeConfig, standin_preset
 from utils.features import load_cache
 from utils.plots import figures_dir
-from utils.datasets import DatasetError
+from utils.records import DatasetError
 from utils.serve import MAX_BYTES, bundle_title, create_app, folder_examples, validation_examples
 from utils.training import train
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import embedded_set
 from utils import standins
-from utils.datasets import EMBEDDED_ATTRIBUTES
+from utils.embedded import EMBEDDED_ATTRIBUTES
 
 
 def test_clip_vit_standin_loads_through_clip_load(models_dir):

@@ -34,7 +34,7 @@ from PIL import Image
 from utils.captioner import Captioner, CaptionerError, generate_kwargs, load_language_model
 from utils.config import (DataConfig, DecodeConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
                           standin_preset)
-from utils.datasets import load_records
+from utils.readers import load_records
 from utils.features import FeatureCacheError, cache_features, load_cache
 from utils.training import TrainingError, build_captioner, epoch_order, make_split, train
 

@@ -53,10 +53,20 @@ def cmd_download(args):
     from .course import load_captions
 
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
+    if data.dataset == "coco" and not data.path:  # COCO by its URLs; then the reader takes what came
+        from dataclasses import replace
+
+        from .download import download_coco
+        from .runtime import is_offline
+
+        data = replace(data, path=str(download_coco(data.data_dir, getattr(args, "split", None) or "train2014",
+                                                    data.max_images, offline=is_offline(runtime.offline),
+                                                    base_url=getattr(args, "base_url", None))))
+        return _captions(data, runtime)
     captions, root = load_captions(data, runtime)
-    if root is None:
+    if root is None and not data.path:
         sys.exit(f"--dataset {data.dataset} is read from your own files (--path); there is nothing to download.")
-    print(f"dataset ready at {root}")
+    print(f"dataset ready at {root or data.path}")
     return captions
 
 
@@ -99,7 +109,7 @@ def _load_captioner(args):
 
 def _image_files(targets: list[str]) -> list[str]:
     """Files as given (an unreadable one is reported later, by name); folders: the images inside, sorted."""
-    from .datasets import IMAGE_SUFFIXES
+    from .images import IMAGE_SUFFIXES
 
     files = []
     for target in targets:
@@ -262,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = command("info", cmd_info, "print the environment, GPU check and what is cached")
     info.add_argument("--data-dir", default=None)
-    command("download", cmd_download, "fetch a dataset (Kaggle / attached input / embedded)", [DataConfig])
+    download = command("download", cmd_download, "fetch a dataset (Kaggle / attached input / embedded / COCO)",
+                       [DataConfig])
+    download.add_argument("--split", default=None, help="coco: train2014 (default), val2014, train2017 or val2017")
+    download.add_argument("--base-url", default=None, help="coco: where annotations/ and the images are "
+                          "(default: CLIPCAP_COCO_URL, else http://images.cocodataset.org)")
     command("features", cmd_features, "cache CLIP image features (resumable)", [DataConfig, FeatureConfig])
     train = command("train", cmd_train, "train the mapper (and chosen LM blocks) on cached features",
                     [DataConfig, ModelConfig, TrainConfig])
@@ -319,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from .captioner import CaptionerError
     from .clipcap_import import ClipCapImportError
-    from .datasets import DatasetError
+    from .records import DatasetError
     from .download import DownloadError
     from .evaluation import EvaluationError
     from .features import FeatureCacheError

@@ -18,7 +18,7 @@ from PIL import Image
 from . import bundle
 from .clip_encoder import as_stored, encode_images, load_clip
 from .config import DecodeConfig, decode_config
-from .datasets import UnreadableImage
+from .images import UnreadableImage
 from .model import (CaptionerError, CaptionModel, apply_freeze, final_norm, generate_kwargs,  # noqa: F401
                     language_model_source, load_language_model, transformer_blocks)
 from .paths import models_dir as default_models_dir

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import UnreadableImage, open_image, to_rgb
+from .images import UnreadableImage, draft_side, open_image, to_rgb
 from .runtime import announce_offline
 from .standins import clip_archive, clip_standin_name, is_standin
 
@@ -49,7 +49,7 @@ def load_clip(backbone: str, device: torch.device, offline: bool, models_dir: st
 def draft_size(model) -> int:
     """JPEGs decode at a reduced scale still twice CLIP's input: much faster, and the same pixels after
     `preprocess`. The cache, captioning, CLIPScore and the web demo must all decode alike."""
-    return 2 * model.visual.input_resolution
+    return draft_side(model.visual.input_resolution)
 
 
 def precision(device: torch.device | str, fp16: bool = True) -> str:

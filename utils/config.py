@@ -36,6 +36,7 @@ class DataConfig:
     image_column: str = "image"  # csv: column holding the image file name
     caption_column: str = "caption"  # csv: column holding the caption
     separator: str = ","  # csv: field separator
+    encoding: str | None = None  # text encoding of captions files (None: UTF-8, or what a byte-order mark says)
     val_fraction: float = 0.05  # share of images (not captions) held out for validation
     test_fraction: float = 0.05  # share of images held out for the test split
     max_images: int | None = None  # keep only the first N images (quick runs)

@@ -43,12 +43,10 @@ def default_configs(offline: bool) -> tuple[ModelConfig, TrainConfig]:
 
 def load_captions(data: DataConfig, runtime: RuntimeConfig, say=print):
     """The records of the chosen dataset, downloaded first where it is one the course can fetch."""
-    from .datasets import load_records
-    from .download import KAGGLE_DATASETS, download
+    from .download import dataset_root
+    from .readers import load_records
 
-    root = None
-    if data.dataset == "embedded" or data.dataset in KAGGLE_DATASETS:
-        root = download(data.dataset, data.data_dir, offline=is_offline(runtime.offline))
+    root = dataset_root(data, is_offline(runtime.offline))  # None: the user's own files (--path), no download
     captions = load_records(data, root)
     say(captions.summary())
     for line in captions.problems[:20]:

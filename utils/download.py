@@ -1,4 +1,5 @@
-"""Find or fetch a Kaggle dataset: attached notebook input first, then an earlier download, then kagglehub.
+"""Find or fetch a dataset: Kaggle (attached notebook input first, then an earlier download, then kagglehub),
+and COCO (its captions annotations, then each image by its URL).
 
 Downloads are the step most likely to fail for reasons outside the code (no internet, no token, terms
 not accepted), so every known failure becomes a DownloadError that says what went wrong and what to do.
@@ -11,13 +12,15 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import stat
+import urllib.parse
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import DATASETS
-from .files import read_json, write_json
+from .files import atomic_path, read_json, write_json, write_text
 
 KAGGLE_DATASETS = {"flickr30k": "hsankesara/flickr-image-dataset",
                    "food": "zeynaloy/food-related-pictures-dataset-with-captions"}
@@ -28,8 +31,25 @@ LOCAL_FORMATS = tuple(d for d in DATASETS if d != "embedded" and d not in KAGGLE
 HANDLE = re.compile(r"^[\w.-]+/[\w.-]+(/versions/\d+)?$")  # owner/slug or owner/slug/versions/N
 MARKER = ".complete"
 
-GET_TOKEN = "kaggle.com -> Settings -> API -> Create New Token, at https://www.kaggle.com/settings/api"
-NO_NETWORK_HELP = "attach the dataset in the Kaggle notebook (Add input) or run with --dataset embedded"
+API_PAGE = "https://www.kaggle.com/settings/api"
+GET_TOKEN = (f'on {API_PAGE} (kaggle.com -> Settings -> API), "Generate New Token" gives an API token for '
+             'KAGGLE_API_TOKEN or ~/.kaggle/access_token; "Create Legacy API Key" downloads kaggle.json')
+CREDENTIAL_WAYS = (
+    f"On {API_PAGE} (kaggle.com -> Settings -> API), then rerun:\n"
+    '  1. "Generate New Token": set the environment variable KAGGLE_API_TOKEN to the token it shows, or save '
+    "the token alone in ~/.kaggle/access_token, then  chmod 600 ~/.kaggle/access_token\n"
+    '  2. or "Create Legacy API Key": save the kaggle.json it downloads in ~/.kaggle/, then  chmod 600 '
+    "~/.kaggle/kaggle.json (or set the environment variables KAGGLE_USERNAME and KAGGLE_KEY from it)\n"
+    "(On Colab, KAGGLE_API_TOKEN, KAGGLE_USERNAME and KAGGLE_KEY also work as notebook secrets.)")
+
+
+def offline_help(dataset: str) -> str:
+    """What to do instead of a download: attach it on Kaggle, read a copy already on disk, or the embedded set."""
+    name = next((key for key, handle in KAGGLE_DATASETS.items() if dataset in (key, handle)), None)
+    return (f"in a Kaggle notebook, attach the dataset (Add input); with a copy already on disk (downloaded by "
+            f"hand from https://www.kaggle.com/datasets/{_handle(dataset)}), pass --dataset {name or 'csv'} "
+            "--path naming its folder or captions file (and --images-dir if the images are elsewhere); or run "
+            "with --dataset embedded")
 
 
 class DownloadError(RuntimeError):
@@ -90,6 +110,15 @@ def find_attached(dataset: str, input_root: str | Path | None = None) -> Path | 
     return None
 
 
+def dataset_root(data, offline: bool) -> Path | None:
+    """The folder a downloadable dataset lies in (found or fetched), or None when it is read from the
+    user's own files: a format that has no download, or --path naming a copy already on disk (then
+    nothing is downloaded, online or not)."""
+    if data.dataset != "embedded" and (data.path or data.dataset not in KAGGLE_DATASETS):
+        return None
+    return download(data.dataset, data.data_dir, offline=offline)
+
+
 def download(dataset: str, data_dir: str | Path, *, offline: bool = False, force: bool = False) -> Path:
     """Return the folder `dataset` lies in, downloading it with kagglehub only when nothing local has it.
 
@@ -114,7 +143,7 @@ def download(dataset: str, data_dir: str | Path, *, offline: bool = False, force
         print(f"using the earlier download of {handle} at {earlier}")
         return earlier
     if offline:
-        raise DownloadError(f"cannot download {handle} offline (no network): {NO_NETWORK_HELP}.")
+        raise DownloadError(f"cannot download {handle} offline (no network): {offline_help(dataset)}.")
     credentials = find_credentials()
     cache = data_dir / "kaggle-cache"
     print(f"downloading {handle} from Kaggle into {cache} "
@@ -148,14 +177,9 @@ def explain_failure(exc: BaseException, handle: str, credentials: str | None) ->
         if status in (401, 403) and credentials is None:
             return DownloadError(
                 f"Kaggle refused to send {handle} ({status}) because no Kaggle credentials were found. "
-                f"Get a token ({GET_TOKEN}), then give it in one of three ways and rerun:\n"
-                "  1. save the downloaded kaggle.json in ~/.kaggle/, then  chmod 600 ~/.kaggle/kaggle.json\n"
-                "  2. set the environment variables KAGGLE_USERNAME and KAGGLE_KEY (from kaggle.json)\n"
-                "  3. set the environment variable KAGGLE_API_TOKEN to the new API token\n"
-                "(On Colab, 2 and 3 also work as notebook secrets of the same names.) "
-                f"Or {NO_NETWORK_HELP}.")
+                f"{CREDENTIAL_WAYS}\nOr {offline_help(handle)}.")
         if status == 401:
-            return DownloadError(f"your Kaggle credentials from {credentials} were refused: create a new token "
+            return DownloadError(f"your Kaggle credentials from {credentials} were refused: create a new one "
                                  f"({GET_TOKEN}) and replace the old one (Kaggle answered 401).")
         if status == 403:
             return DownloadError(f"Kaggle refused {handle} (403) with your credentials from {credentials}: "
@@ -164,11 +188,11 @@ def explain_failure(exc: BaseException, handle: str, credentials: str | None) ->
             return DownloadError(f"dataset {handle} not found on Kaggle (404): check the handle "
                                  f"(owner/slug, as in {page}).")
         return DownloadError(f"Kaggle answered {status} while sending {handle}: {exc}\n"
-                             f"Try again later, or {NO_NETWORK_HELP}.")
+                             f"Try again later, or {offline_help(handle)}.")
     if isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
         return DownloadError(f"cannot reach Kaggle to download {handle}: check internet is enabled in the "
-                             "notebook settings (Kaggle: Settings -> Internet on) or attach the dataset "
-                             "(Add input), or run with --dataset embedded.")
+                             "notebook settings (Kaggle: Settings -> Internet on); or "
+                             f"{offline_help(handle)}.")
     if isinstance(exc, DataCorruptionError):
         return DownloadError(f"the download of {handle} arrived corrupted (checksum mismatch) and was "
                              "deleted: rerun to download it again.")
@@ -209,3 +233,144 @@ def _environ(name: str, value: str):
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO: the captions annotations, then each image by its URL
+
+
+COCO_SPLITS = ("train2014", "val2014", "train2017", "val2017")
+COCO_BASE_URL = "http://images.cocodataset.org"  # CLIPCAP_COCO_URL (or --base-url) points elsewhere, e.g. a mirror
+COCO_WORKERS = 16  # images are small and the server far: threads wait on the network, not the CPU
+
+
+def coco_base_url(base_url: str | None = None) -> str:
+    return (base_url or os.environ.get("CLIPCAP_COCO_URL") or COCO_BASE_URL).rstrip("/")
+
+
+def _fetch(url: str, dest: Path, check=None, timeout: float = 60) -> None:
+    """Download `url` into `dest` whole or not at all: bytes go to a temporary name, are checked, then
+    renamed into place. Raises DownloadError saying what went wrong."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    try:
+        with atomic_path(dest) as tmp:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+            if check is not None:
+                check(tmp)
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(f"HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        raise DownloadError(f"cannot reach the server ({getattr(exc, 'reason', None) or exc!r})") from None
+
+
+def _check_image(path: Path) -> None:
+    from .images import UnreadableImage, open_image
+
+    try:
+        open_image(path, draft=64)
+    except UnreadableImage as exc:
+        raise DownloadError(f"the bytes received are not an image ({exc})") from None
+
+
+def _check_zip(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad:
+        raise DownloadError(f"{bad} in the archive is damaged")
+
+
+def _coco_annotations(split: str, root: Path, base: str) -> dict:
+    """The captions JSON of `split`, from annotations_trainval<year>.zip (downloaded once, kept)."""
+    import zipfile
+
+    year = split[-4:]
+    archive = root / f"annotations_trainval{year}.zip"
+    if not archive.is_file():
+        url = f"{base}/annotations/annotations_trainval{year}.zip"
+        print(f"downloading the COCO {year} annotations from {url}")
+        try:
+            _fetch(url, archive, check=_check_zip, timeout=300)
+        except (DownloadError, zipfile.BadZipFile) as exc:
+            raise DownloadError(f"cannot download the COCO annotations {url}: {exc}. Rerun to try again, or "
+                                f"put annotations_trainval{year}.zip (from cocodataset.org) in {root}.") from None
+    member = f"annotations/captions_{split}.json"
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return json.loads(z.read(member).decode("utf-8"))
+    except (KeyError, zipfile.BadZipFile, ValueError) as exc:
+        raise DownloadError(f"{archive} does not hold a readable {member} ({exc}): delete it and rerun "
+                            "to download it again.") from None
+
+
+def download_coco(data_dir: str | Path, split: str = "train2014", max_images: int | None = None, *,
+                  offline: bool = False, base_url: str | None = None, workers: int = COCO_WORKERS) -> Path:
+    """COCO captions and images into data_dir/coco: annotations first, then each image by its URL, in
+    parallel threads. Resumable: every file is written whole under a temporary name, and what is already
+    there is skipped. Each failed image is counted and listed in data_dir/coco/<split>-failed.csv; a rerun
+    tries those again. Returns the captions JSON the COCO reader takes (only the images asked for)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if split not in COCO_SPLITS:
+        raise DownloadError(f"unknown COCO split {split!r}: use one of {', '.join(COCO_SPLITS)}")
+    root = Path(data_dir) / "coco"
+    captions_path = root / "annotations" / f"captions_{split}.json"
+    images_dir = root / split
+    if offline:
+        raise DownloadError(
+            f"cannot download COCO {split} offline (no network). With a copy already on disk, read it with "
+            f"--dataset coco --path .../annotations/captions_{split}.json --images-dir .../{split}; "
+            "or run with --dataset embedded.")
+    base = coco_base_url(base_url)
+    data = _coco_annotations(split, root, base)
+    images = sorted(data["images"], key=lambda img: img["id"])[:max_images]
+    wanted = {img["id"] for img in images}
+    subset = {**{k: v for k, v in data.items() if k not in ("images", "annotations")}, "images": images,
+              "annotations": [a for a in data["annotations"] if a["image_id"] in wanted]}
+    write_json(captions_path, subset)
+
+    def url_of(img: dict) -> str:
+        url = img.get("coco_url") or f"{COCO_BASE_URL}/{split}/{img['file_name']}"
+        return base + urllib.parse.urlsplit(url).path if base != COCO_BASE_URL else url
+
+    todo = [img for img in images if not (images_dir / img["file_name"]).is_file()]
+    print(f"COCO {split}: {len(images)} images asked for, {len(images) - len(todo)} already here, "
+          f"{len(todo)} to download into {images_dir} ({workers} at a time)")
+
+    def one(img: dict) -> tuple[dict, str | None]:
+        try:
+            _fetch(url_of(img), images_dir / img["file_name"], check=_check_image)
+            return img, None
+        except DownloadError as exc:
+            return img, str(exc)
+
+    failed: list[tuple[str, str, str]] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done, (img, error) in enumerate(pool.map(one, todo), start=1):
+            if error:
+                failed.append((img["file_name"], url_of(img), error))
+            if done % 500 == 0 or done == len(todo):
+                print(f"  {done}/{len(todo)} tried, {len(failed)} failed", flush=True)
+    report = root / f"{split}-failed.csv"
+    if failed:
+        import csv
+        import io
+
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows([("file_name", "url", "reason"), *failed])
+        write_text(report, out.getvalue())
+        for name, url, reason in failed[:10]:
+            print(f"  failed {name} ({url}): {reason}")
+        if len(failed) > 10:
+            print(f"  ... and {len(failed) - 10} more")
+    else:
+        report.unlink(missing_ok=True)
+    print(f"COCO {split}: {len(images) - len(failed)} of {len(images)} images on disk, {len(failed)} failed"
+          + (f" (listed in {report}; rerun to try them again)" if failed else "") +
+          f"\nread it with: python -m utils features --dataset coco --path {captions_path}")
+    return captions_path

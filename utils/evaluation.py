@@ -34,7 +34,7 @@ import torch
 from .captioner import image_name
 from .clip_encoder import draft_size, encode_images
 from .config import DecodeConfig
-from .datasets import UnreadableImage, open_image
+from .images import UnreadableImage, open_image
 from .files import write_json
 
 METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")

@@ -17,6 +17,7 @@ Layout of a cache folder:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import time
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .clip_encoder import STORED_DTYPE, encode_batches, load_clip, precision
 from .config import DataConfig, FeatureConfig, RuntimeConfig
-from .datasets import Captions, file_stamp
+from .records import Captions, file_stamp
 from .files import atomic_path, read_json, write_json
 from .paths import features_dir, models_dir
 from .runtime import is_offline, resolve_device
@@ -62,31 +63,61 @@ class FeatureCache:
         return self.captions[self.captions["split"] == name]
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def source_key(data: DataConfig) -> str | None:
+    """A short hash of the captions file and images folder a set is read from (None for a download or the
+    embedded set, which have one place in a data folder): two sets never share a cache folder."""
+    given = [os.path.abspath(os.path.expanduser(p)) for p in (data.path, data.images_dir) if p]
+    if not given:
+        return None
+    return hashlib.sha256("\n".join([data.dataset, *given]).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
 def default_cache_dir(data: DataConfig, backbone: str, offline: bool = False) -> Path:
-    """data_dir/features/<dataset>-<backbone>; offline, the stand-in's name, so the two never mix."""
-    name = clip_standin_name(backbone) if offline else backbone
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
-    return features_dir(data.data_dir) / f"{data.dataset}-{slug}"
+    """data_dir/features/<dataset>-<backbone> for a download or the embedded set; for a set read from
+    --path, <dataset>-<file name>-<hash of file and images folder>-<backbone>. Offline the stand-in's
+    name stands for the backbone, so real and stand-in features never mix."""
+    slug = _slug(clip_standin_name(backbone) if offline else backbone)
+    key = source_key(data)
+    if key is None:
+        return features_dir(data.data_dir) / f"{data.dataset}-{slug}"
+    stem = _slug(Path(data.path).stem if data.path else "images")[:40]
+    return features_dir(data.data_dir) / f"{data.dataset}-{stem}-{key}-{slug}"
+
+
+def _refuse_all_missing(captions: Captions, paths: list[str]) -> None:
+    """Every image missing on disk: say so, and where they were looked for, before CLIP loads or any
+    cache is opened (an existing cache would only be compared by opaque fingerprints)."""
+    if not paths or any("::" in p for p in paths) or any(os.path.exists(p) for p in paths):
+        return
+    first = "; ".join(f"{p}: missing file" for p in paths[:2])
+    where = captions.images_dir or os.path.dirname(paths[0])
+    raise FeatureCacheError(f"none of the {len(paths)} images could be read: every one is missing on disk "
+                            f"({first}). They were looked for in the folder {where}: is --images-dir right "
+                            f"(the folder holding {os.path.basename(paths[0])})?")
 
 
 def cache_features(captions: Captions, cfg: FeatureConfig, data: DataConfig,
                    runtime: RuntimeConfig | None = None) -> Path:
     """Encode every image of `captions` once into a resumable cache; returns the cache folder."""
     runtime = runtime or RuntimeConfig()
+    images = captions.images()  # [(image_id, image_path, split)]
+    paths = [p for _, p, _ in images]
+    _refuse_all_missing(captions, paths)
     device = resolve_device(runtime.device)
     offline = is_offline(runtime.offline)
     model, preprocess, backbone = load_clip(cfg.backbone, device, offline, models_dir(data.data_dir))
     out = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(data, backbone)
-
-    images = captions.images()  # [(image_id, image_path, split)]
-    paths = [p for _, p, _ in images]
     meta = {
         "format_version": FORMAT_VERSION, "backbone": backbone, "standin": offline,
         "clip_dim": int(model.visual.output_dim), "image_resolution": int(model.visual.input_resolution),
         "dtype": np.dtype(STORED_DTYPE).name, "normalized": False, "chunk_size": cfg.chunk_size,
         "clip_precision": precision(device, cfg.fp16),  # the encoding's dtype rule (clip_encoder.precision)
         "images_fingerprint": _fingerprint(f"{i}\t{p}" for i, p, _ in images),
-        "dataset": data.dataset, "source": captions.source, "course_version": __version__,
+        "dataset": data.dataset, "source": captions.source, "images_dir": captions.images_dir, "course_version": __version__,
         "num_images_listed": len(images), "complete": False,
     }
     if not _check_compatible(out, meta):
@@ -226,14 +257,33 @@ def _check_compatible(out: Path, want: dict) -> bool:
     if not meta_path.is_file():
         return False
     have = read_json(meta_path)
-    diffs = [f"{k}: cache has {have.get(k)!r}, you asked for {want[k]!r}"
-             for k in _MUST_MATCH if have.get(k) != want[k]]
+    diffs = []
+    for k in _MUST_MATCH:
+        if have.get(k) != want[k]:
+            diffs += _images_differ(have, want) if k == "images_fingerprint" else \
+                [f"{k}: cache has {have.get(k)!r}, you asked for {want[k]!r}"]
     if diffs:
         raise FeatureCacheError(
-            f"The feature cache at {out} was made with other settings:\n  " + "\n  ".join(diffs) +
-            f"\nIts features cannot be mixed with these. Choose another folder with --cache-dir, "
-            f"or delete {out} to rebuild it.")
+            f"The feature cache at {out} was made from other images or with other settings:\n  " +
+            "\n  ".join(diffs) + "\nIts features cannot be mixed with these, and it stays as it is (it is still "
+            "valid for what made it). Give these their own folder with --cache-dir DIR.")
     return True
+
+
+def _images_differ(have: dict, want: dict) -> list[str]:
+    """In words, why the images of a cache are not the ones asked for: another captions file, another
+    images folder, or the same file listing other images."""
+    said = []
+    if have.get("source") != want["source"]:
+        said.append(f"captions file: the cache was made from {have.get('source')}, you asked for {want['source']}")
+    if "images_dir" in have and have["images_dir"] != want["images_dir"]:
+        said.append(f"images folder: the cache's images are in {have['images_dir'] or 'several folders'}, "
+                    f"these captions name images in {want['images_dir'] or 'several folders'}")
+    if not said:
+        said.append(f"images: the cache holds the {have.get('num_images_listed')} images {have.get('source')} "
+                    f"listed when it was made; now {want['num_images_listed']} images are asked for, not the "
+                    "same ones (the file was edited, or --max-images differs)")
+    return said
 
 
 def load_cache(path: str | Path, backbone: str | None = None) -> FeatureCache:

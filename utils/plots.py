@@ -94,7 +94,7 @@ def plot_caption_grid(images: list, captions: list, references: list | None = No
     references[i]: a str or a list of str, shown in grey under the image (up to three), each after
     `reference_label`.
     """
-    from .datasets import open_image
+    from .images import open_image
 
     def block(texts, width) -> str:
         texts = texts if isinstance(texts, (list, tuple)) else [texts]
@@ -134,7 +134,7 @@ def feature_labels(cache, by: str, keywords: tuple[str, ...] = ("dog", "man", "w
     "keyword": the first of `keywords` any caption of the image mentions ("other" when none does), or
     "split".
     """
-    from .datasets import EMBEDDED_ATTRIBUTES, embedded_attributes
+    from .embedded import EMBEDDED_ATTRIBUTES, embedded_attributes
 
     if by == "split":
         return cache.images["split"].tolist()

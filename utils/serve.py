@@ -22,13 +22,14 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from .clip_encoder import draft_size
 from .config import METHOD_ONLY, DecodeConfig, DecodeConfigError, decode_config
-from .datasets import IMAGE_SUFFIXES, DatasetError, UnreadableImage, decode_image, open_image, preview_png
+from .images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, UnreadableImage, decode_image, open_image, preview_png
+from .records import DatasetError
 from .features import FeatureCacheError
 from .model import CaptionerError
 from .standins import is_standin
 
 MAX_BYTES = 10 * 1024 * 1024  # an upload over 10 MB is refused before it is read
-MAX_PIXELS = 50_000_000  # and an image over 50 megapixels before it is decoded
+MAX_PIXELS = MAX_IMAGE_PIXELS  # and an image over the one size limit of utils/images.py, before it is decoded
 KEEP = 32  # images whose embeddings are kept; an older upload must be sent again
 EXAMPLES = 12  # images in the gallery
 PREVIEW, THUMB = 320, 88  # pixels on the long edge of the shown image and of a gallery thumbnail

@@ -15,7 +15,7 @@ None of them is a real model, and every name and message that shows them says "s
 The stand-in CLIP for ViT backbones is a tiny model TRAINED briefly when it is first built: a 2-layer
 ViT (16x16 patches, width 64) and a 1-layer text transformer (width 64) with 64-d embeddings, fitted
 for 600 steps (batches of 64) of CLIP's own symmetric contrastive (InfoNCE) loss on a private
-synthetic set of 3000 `utils.datasets.make_embedded` drawings generated with seed 12345, which the
+synthetic set of 3000 `utils.embedded.make_embedded` drawings generated with seed 12345, which the
 course never uses, so the course's own images are never seen. It takes about half a minute on two CPU
 cores, once per data folder. It learns the attributes of those drawings and the words that name them:
 colour, position and background almost perfectly, size well, shape only partly (see
@@ -150,7 +150,7 @@ def _clip_training_set(folder: Path, resolution: int) -> _TrainingSet:
     import clip
     from PIL import Image
 
-    from .datasets import make_embedded
+    from .embedded import make_embedded
 
     make_embedded(folder, n_images=_CLIP_FIT["images"], seed=_CLIP_FIT["seed"])
     captions: dict[str, list[str]] = {}
@@ -173,7 +173,7 @@ def _clip_training_set(folder: Path, resolution: int) -> _TrainingSet:
 
 def _caption_key(captions: list[str]):
     """(shape, colour, position, size, background) that all of an image's captions state, else None."""
-    from .datasets import EMBEDDED_ATTRIBUTES, embedded_attributes
+    from .embedded import EMBEDDED_ATTRIBUTES, embedded_attributes
 
     keys = {tuple(embedded_attributes(c)[a] for a in EMBEDDED_ATTRIBUTES) for c in captions}
     key = keys.pop() if len(keys) == 1 else None
@@ -340,7 +340,7 @@ def _train_tokenizer(dest: Path):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Tokenizer
 
-    from .datasets import EMBEDDED_ATTRIBUTES
+    from .embedded import EMBEDDED_ATTRIBUTES
 
     words = " ".join(w for values in EMBEDDED_ATTRIBUTES.values() for w in values)
     bpe = ByteLevelBPETokenizer()

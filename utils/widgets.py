@@ -13,7 +13,7 @@ import ipywidgets as w
 from PIL import Image
 
 from .config import DECODE_METHODS, DecodeConfig, DecodeConfigError, decode_config
-from .datasets import UnreadableImage, decode_image, open_image, preview_png
+from .images import UnreadableImage, decode_image, open_image, preview_png
 
 PREVIEW = 224  # pixels: the picture is shown this wide, whatever its size
 

@@ -1,0 +1,91 @@
+"""Fixture generators that copy the file layouts of real downloads exactly, with small generated images.
+
+Each writes what the real download holds, byte for byte where it matters (headers, quoting, the unnamed
+pandas index column, file names, folder nesting); only the pictures are small solid colours.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from PIL import Image
+
+# Kaggle zeynaloy/food-related-pictures-dataset-with-captions: Captions.csv, written by pandas with its
+# index (header ",Index,Captions"), 2000 rows; the images are dataset/<Index>.jpg beside it.
+FOOD_ROWS = 2000
+FOOD_EMPTY = (17, 402, 1250, 1999)  # rows whose caption is empty (pandas writes NaN as nothing)
+FOOD_MULTILINE = {  # quoted captions spanning lines: a camera name on the second line
+    5: "Chocolate cake with raspberries on a white plate\nCanon EOS 5D Mark III",
+    388: "A bowl of ramen with a soft boiled egg\nNikon D750",
+    1024: "Fresh bread rolls on a wooden board\nSony A7 III\n",
+    1600: "Grilled salmon with lemon and dill\nFujifilm X-T3",
+}
+FOOD_NON_ASCII = ("Easy crêpes in a frying pan", "Crème brûlée with a caramel crust", "Jalapeño poppers on a tray",
+                  "Açaí bowl with banana", "Smörgåsbord of cold dishes", "Phở with fresh herbs",
+                  "Käsespätzle with fried onions")
+FOOD_NON_ASCII_ROWS = tuple(range(40, 40 + 34 * 50, 50))  # 34 rows
+
+
+def food_caption(i: int) -> str:
+    if i in FOOD_EMPTY:
+        return ""
+    if i in FOOD_MULTILINE:
+        return FOOD_MULTILINE[i]
+    if i in FOOD_NON_ASCII_ROWS:
+        return FOOD_NON_ASCII[FOOD_NON_ASCII_ROWS.index(i) % len(FOOD_NON_ASCII)]
+    return f"A plate of food number {i} on a table"
+
+
+def write_food_set(root: Path, rows: int = FOOD_ROWS, side: int = 16) -> Path:
+    """The food set as Kaggle unpacks it into `root`: root/Captions.csv and root/dataset/<Index>.jpg."""
+    (root / "dataset").mkdir(parents=True, exist_ok=True)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")  # pandas' to_csv: minimal quoting, "\n" line ends
+    writer.writerow(["", "Index", "Captions"])
+    for i in range(rows):
+        writer.writerow([i, i, food_caption(i)])
+        Image.new("RGB", (side, side), ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256)).save(
+            root / "dataset" / f"{i}.jpg", quality=90)
+    (root / "Captions.csv").write_bytes(out.getvalue().encode("utf-8"))
+    return root / "Captions.csv"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(colour, side: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_img2dataset(folder: Path, shards: int = 2, per_shard: int = 5) -> dict[str, str | None]:
+    """img2dataset's webdataset output: 00000.tar, 00001.tar, ... each with 000000000.jpg/.txt/.json per sample
+    (key = shard number and sample index, 9 digits), plus the .parquet-free stats files it writes beside them.
+    In shard 0 sample 1 has an empty .txt, sample 2 a caption with a newline. Returns key -> caption or None."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str | None] = {}
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for j in range(per_shard):
+                key = f"{s:05d}{j:04d}"
+                caption = f"photo {j} of shard {s}"
+                if s == 0 and j == 1:
+                    caption = ""
+                elif s == 0 and j == 2:
+                    caption = "a long caption\nthat goes on"
+                _add(tar, f"{key}.jpg", _jpeg((40 * j % 256, 30 * s % 256, 90)))
+                _add(tar, f"{key}.txt", caption.encode())
+                _add(tar, f"{key}.json", json.dumps({"url": f"https://example.com/{key}.jpg", "key": key,
+                                                      "caption": caption, "status": "success",
+                                                      "width": 16, "height": 16}).encode())
+                expected[key] = " ".join(caption.split()) or None
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
+    return expected
