@@ -50,12 +50,12 @@ def cmd_info(args) -> None:
 
 
 def cmd_download(args):
-    from .course import load_captions
+    from .course import downloadable, load_captions
 
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
-    captions, root = load_captions(data, runtime)
-    if root is None:
+    if not downloadable(data.dataset):
         sys.exit(f"--dataset {data.dataset} is read from your own files (--path); there is nothing to download.")
+    captions, root = load_captions(data, runtime)
     print(f"dataset ready at {root}")
     return captions
 
