@@ -16,6 +16,7 @@ from utils.captioner import Captioner
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig, standin_preset
 from utils.course import run_course
 from utils.model import CaptionerError
+from utils.paths import CoursePaths, course_paths
 from utils.standins import gpt2_dir
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
@@ -67,6 +68,9 @@ def test_the_second_run_reuses_the_cache_and_the_finished_run_and_says_so(first_
     assert (second.cache, second.run, second.bundle) == (first.cache, first.run, first.bundle)
     assert second.scores == first.scores and second.captions == first.captions
     assert again[-1] == "done: features reused, training reused"
+    # the notebooks ask paths.py for the same folders
+    assert course_paths("embedded", "ViT-B/32", "mlp", offline=True, data=data_dir, embedded_images=90) == \
+        CoursePaths(data_dir, data_dir / "models", first.cache, first.run, first.bundle)
 
 
 def test_an_unfinished_run_is_continued_and_fresh_keeps_the_old_run(tmp_path, models):

@@ -50,7 +50,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_download(args):
-    from .course import load_captions
+    from .course import downloadable, load_captions
 
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
     if data.dataset == "coco" and not data.path:  # COCO by its URLs; then the reader takes what came
@@ -63,9 +63,9 @@ def cmd_download(args):
                                                     data.max_images, offline=is_offline(runtime.offline),
                                                     base_url=getattr(args, "base_url", None))))
         return _captions(data, runtime)
-    captions, root = load_captions(data, runtime)
-    if root is None and not data.path:
+    if not downloadable(data.dataset):
         sys.exit(f"--dataset {data.dataset} is read from your own files (--path); there is nothing to download.")
+    captions, root = load_captions(data, runtime)
     print(f"dataset ready at {root or data.path}")
     return captions
 

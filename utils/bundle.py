@@ -38,7 +38,7 @@ def save(model, path: str | Path, summary: dict | None = None) -> Path:
         raise CaptionerError(f"{path} exists and is not a captioner bundle: a bundle replaces its folder "
                              "whole, so choose a new folder for it (nothing was written).")
     summary = dict(summary or {})
-    if summary.get("features"):
+    if summary.get("features") and "features_fingerprint" not in summary:  # a path, not yet a reference
         summary.update(cache_reference(summary["features"]))
     with atomic_dir(path) as tmp:
         model.lm.save_pretrained(tmp / "lm")
@@ -137,8 +137,9 @@ def find_training_cache(summary: dict, bundle_path: str | Path | None = None,
     """
     recorded = summary.get("features")
     if not recorded:
-        raise CaptionerError("this bundle does not name the feature cache it was trained on: pass "
-                             "--features CACHE_DIR.")
+        which = f"the bundle {bundle_path}" if bundle_path else "this bundle"
+        raise CaptionerError(f"{which} does not name the feature cache it was trained on: pass --features "
+                             "CACHE_DIR.")
     tried, other = [], None
     for candidate in _candidates(recorded, summary.get("data_dir"), bundle_path, data):
         if candidate in tried:

@@ -19,6 +19,7 @@ from . import bundle
 from .clip_encoder import as_stored, encode_images, load_clip
 from .config import DecodeConfig, decode_config
 from .images import UnreadableImage
+# the model's names, also importable from here as before the split (utils.captioner.load_language_model, ...)
 from .model import (CaptionerError, CaptionModel, apply_freeze, final_norm, generate_kwargs,  # noqa: F401
                     language_model_source, load_language_model, transformer_blocks)
 from .paths import models_dir as default_models_dir

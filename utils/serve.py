@@ -20,6 +20,7 @@ from flask import Flask, jsonify, render_template_string, request
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from .bundle import training_cache
 from .clip_encoder import draft_size
 from .config import METHOD_ONLY, DecodeConfig, DecodeConfigError, decode_config
 from .images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, UnreadableImage, decode_image, open_image, preview_png
@@ -71,8 +72,8 @@ VALIDATION = "validation images of the training data"  # what the gallery shows 
 def validation_examples(captioner, limit: int = EXAMPLES) -> dict[str, str]:
     """name -> path of the first validation images of the feature cache the bundle was trained on;
     empty when the bundle names no cache or the cache is not on this machine."""
-    try:  # found even where the data folder moved (bundle.training_cache)
-        cache = captioner.training_cache()
+    try:  # found even where the data folder moved
+        cache = training_cache(getattr(captioner, "summary", {}), getattr(captioner, "bundle_path", None))
     except (CaptionerError, FeatureCacheError):
         return {}
     val = cache.images[cache.images["split"] == "val"].head(limit)
