@@ -195,3 +195,13 @@ def test_one_size_limit_with_a_clear_message():
     with pytest.raises(UnreadableImage, match=r"too large: 16000x15000 pixels, over the limit "
                                               rf"of {MAX_IMAGE_PIXELS / 1e6:g} megapixels; shrink it first"):
         decode_image(buf.getvalue())
+
+
+def test_flickr30k_copy_on_disk_is_read_without_a_download(tmp_path, data_dir):
+    from layouts import write_flickr30k
+
+    results = write_flickr30k(tmp_path / "my copy")
+    for path in (results, tmp_path / "my copy"):  # the captions file, or the folder of the copy
+        proc = run_cli("features", "--dataset", "flickr30k", "--path", str(path), "--num-workers", "0",
+                       "--device", "cpu", data_dir=data_dir)
+        assert "30 captions of 6 images" in proc.stdout and "download" not in proc.stdout + proc.stderr
