@@ -355,8 +355,11 @@ def load_cache(path: str | Path, backbone: str | None = None) -> FeatureCache:
     """Read a finished cache; refuses an incomplete one or one made with another backbone."""
     path = Path(path)
     if not (path / "meta.json").is_file():
-        raise FeatureCacheError(f"No feature cache at {path}: run `python -m utils features` "
-                                "(or notebook 02) first.")
+        others = sorted(p.parent.name for p in path.parent.glob("*/meta.json")) if path.parent.is_dir() else []
+        raise FeatureCacheError(f"No feature cache at {path}: run `python -m utils features` with the same "
+                                "--dataset, --path and --images-dir (or notebook 02) first" +
+                                (f"; caches in {path.parent}: {', '.join(others)} (name one with --features DIR)."
+                                 if others else "."))
     meta = read_json(path / "meta.json")
     if meta.get("format_version") != FORMAT_VERSION:
         raise FeatureCacheError(f"{path} is a version {meta.get('format_version')} cache; this course reads "
