@@ -205,3 +205,10 @@ def test_flickr30k_copy_on_disk_is_read_without_a_download(tmp_path, data_dir):
         proc = run_cli("features", "--dataset", "flickr30k", "--path", str(path), "--num-workers", "0",
                        "--device", "cpu", data_dir=data_dir)
         assert "30 captions of 6 images" in proc.stdout and "download" not in proc.stdout + proc.stderr
+
+
+def test_utf16_with_a_byte_order_mark_is_read_as_such(tmp_path):
+    """Excel's "Unicode Text" export: UTF-16 with a BOM, tab separated."""
+    (tmp_path / "caps.tsv").write_bytes("image\tcaption\r\na.jpg\tEasy crêpes in a frying pan\r\n".encode("utf-16"))
+    caps = load_records(DataConfig(dataset="csv", path=str(tmp_path / "caps.tsv")))
+    assert [r.caption for r in caps.records] == ["Easy crêpes in a frying pan"] and caps.repaired == 0
