@@ -125,7 +125,8 @@ def _two_csv_sets(root: Path) -> tuple[Path, Path]:
         (root / name).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (20, 20), colour).save(root / name / f"{i}.jpg")
-        (root / name / "captions.csv").write_text("image,caption\n" + "".join(f"{i}.jpg,{name} {i}\n" for i in range(3)))
+        rows = "".join(f"{i}.jpg,{name} {i}\n" for i in range(3))
+        (root / name / "captions.csv").write_text("image,caption\n" + rows)
     return root / "cats" / "captions.csv", root / "dogs" / "captions.csv"
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from .config import DecodeConfig, ModelConfig, decode_config
-from .images import UnreadableImage, open_image, to_rgb
+from .images import UnreadableImage, open_image, prepare_image
 from .features import draft_size, load_clip
 from .files import atomic_dir, read_json, write_json
 from .mapper import build_mapper
@@ -257,7 +257,8 @@ class Captioner(nn.Module):
             pixels = []
             for image in images[start:start + batch_size]:
                 try:
-                    rgb = to_rgb(image) if isinstance(image, Image.Image) else open_image(image, draft_size(model))
+                    rgb = prepare_image(image) if isinstance(image, Image.Image) else \
+                        open_image(image, draft_size(model))
                     pixels.append(preprocess(rgb))  # (3, H, W)
                     reasons.append("")
                 except UnreadableImage as exc:

@@ -182,8 +182,8 @@ def cache_features(captions: Captions, cfg: FeatureConfig, data: DataConfig,
         "clip_dim": int(model.visual.output_dim), "image_resolution": int(model.visual.input_resolution),
         "dtype": "float16", "normalized": False, "chunk_size": cfg.chunk_size,
         "images_fingerprint": _fingerprint(f"{i}\t{p}" for i, p, _ in images),
-        "dataset": data.dataset, "source": captions.source, "images_dir": captions.images_dir, "course_version": __version__,
-        "num_images_listed": len(images), "complete": False,
+        "dataset": data.dataset, "source": captions.source, "images_dir": captions.images_dir,
+        "course_version": __version__, "num_images_listed": len(images), "complete": False,
     }
     if not _check_compatible(out, meta):
         write_json(out / "meta.json", meta)
