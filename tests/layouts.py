@@ -89,3 +89,18 @@ def write_img2dataset(folder: Path, shards: int = 2, per_shard: int = 5) -> dict
                 expected[key] = " ".join(caption.split()) or None
         (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
     return expected
+
+
+def write_flickr30k(root: Path, images: int = 6) -> Path:
+    """Kaggle hsankesara/flickr-image-dataset as it unpacks: flickr30k_images/results.csv (`|` separated,
+    5 comments per image, a space after each `|`) and flickr30k_images/flickr30k_images/<name>.jpg."""
+    folder = root / "flickr30k_images" / "flickr30k_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["image_name| comment_number| comment"]
+    for k in range(images):
+        name = f"{1000092795 + 7 * k}.jpg"
+        Image.new("RGB", (20, 16), (30 * k % 256, 120, 60)).save(folder / name)
+        lines += [f"{name}| {j}| Picture {k} , described for the {j} time ." for j in range(5)]
+    path = root / "flickr30k_images" / "results.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

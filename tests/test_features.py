@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import ROOT, cli_env, run_cli
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig
 from utils.readers import load_records
-from utils.features import FeatureCacheError, cache_features, load_cache
+from utils.features import FeatureCacheError, cache_features, default_cache_dir, load_cache
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
 
@@ -106,8 +106,10 @@ def test_cache_from_another_backbone_is_refused(data_dir, tmp_path):
         _cache(data, out, chunk_size=8, backbone="RN50x4")
     with pytest.raises(FeatureCacheError, match="holds standin:ViT features, not standin:RN"):
         load_cache(out, backbone="standin:RN")
-    with pytest.raises(FeatureCacheError, match="images_fingerprint"):
+    with pytest.raises(FeatureCacheError, match=r"images: the cache holds the 12 images .*captions.csv listed when "
+                                                r"it was made; now 13 images are asked for") as err:
         _cache(_embedded(data_dir, max_images=13), out, chunk_size=8)  # other images, same folder
+    assert "delete" not in str(err.value).lower() and "--cache-dir DIR" in str(err.value)
 
 
 @pytest.mark.fault
@@ -158,7 +160,9 @@ def test_features_cli_on_a_users_own_csv_and_folder(data_dir, tmp_path):
                    str(folder), "--image-column", "file", "--caption-column", "text", "--separator", ";",
                    "--num-workers", "0", data_dir=data_dir)
     assert "OFFLINE MODE" in proc.stderr
-    out = data_dir / "features" / "csv-standin-ViT"
+    out = default_cache_dir(DataConfig(dataset="csv", path=str(tmp_path / "mine.csv"), images_dir=str(folder),
+                                       data_dir=str(data_dir)), "standin:ViT")
+    assert out.parent == data_dir / "features" and out.name.startswith("csv-mine-")  # named after its source
     assert f"feature cache ready at {out}: 3 images, 4 captions" in proc.stdout
     assert load_cache(out).captions["caption"].tolist() == ["a red wall", "green paint", "a green door",
                                                             "the blue sea"]

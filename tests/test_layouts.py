@@ -125,7 +125,8 @@ def _two_csv_sets(root: Path) -> tuple[Path, Path]:
         (root / name).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (20, 20), colour).save(root / name / f"{i}.jpg")
-        (root / name / "captions.csv").write_text("image,caption\n" + "".join(f"{i}.jpg,{name} {i}\n" for i in range(3)))
+        rows = "".join(f"{i}.jpg,{name} {i}\n" for i in range(3))
+        (root / name / "captions.csv").write_text("image,caption\n" + rows)
     return root / "cats" / "captions.csv", root / "dogs" / "captions.csv"
 
 
@@ -195,3 +196,20 @@ def test_one_size_limit_with_a_clear_message():
     with pytest.raises(UnreadableImage, match=r"too large: 16000x15000 pixels, over the limit "
                                               rf"of {MAX_IMAGE_PIXELS / 1e6:g} megapixels; shrink it first"):
         decode_image(buf.getvalue())
+
+
+def test_flickr30k_copy_on_disk_is_read_without_a_download(tmp_path, data_dir):
+    from layouts import write_flickr30k
+
+    results = write_flickr30k(tmp_path / "my copy")
+    for path in (results, tmp_path / "my copy"):  # the captions file, or the folder of the copy
+        proc = run_cli("features", "--dataset", "flickr30k", "--path", str(path), "--num-workers", "0",
+                       "--device", "cpu", data_dir=data_dir)
+        assert "30 captions of 6 images" in proc.stdout and "download" not in proc.stdout + proc.stderr
+
+
+def test_utf16_with_a_byte_order_mark_is_read_as_such(tmp_path):
+    """Excel's "Unicode Text" export: UTF-16 with a BOM, tab separated."""
+    (tmp_path / "caps.tsv").write_bytes("image\tcaption\r\na.jpg\tEasy crêpes in a frying pan\r\n".encode("utf-16"))
+    caps = load_records(DataConfig(dataset="csv", path=str(tmp_path / "caps.tsv")))
+    assert [r.caption for r in caps.records] == ["Easy crêpes in a frying pan"] and caps.repaired == 0

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .images import UnreadableImage, draft_side, open_image, to_rgb
+from .images import UnreadableImage, draft_side, open_image, prepare_image
 from .runtime import announce_offline
 from .standins import clip_archive, clip_standin_name, is_standin
 
@@ -75,7 +75,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         image = self.images[i]
         try:
-            rgb = to_rgb(image) if isinstance(image, Image.Image) else open_image(image, draft=self.draft)
+            rgb = prepare_image(image) if isinstance(image, Image.Image) else open_image(image, draft=self.draft)
             return i, self.preprocess(rgb), ""
         except UnreadableImage as exc:
             n = self.resolution

@@ -117,8 +117,8 @@ def cache_features(captions: Captions, cfg: FeatureConfig, data: DataConfig,
         "dtype": np.dtype(STORED_DTYPE).name, "normalized": False, "chunk_size": cfg.chunk_size,
         "clip_precision": precision(device, cfg.fp16),  # the encoding's dtype rule (clip_encoder.precision)
         "images_fingerprint": _fingerprint(f"{i}\t{p}" for i, p, _ in images),
-        "dataset": data.dataset, "source": captions.source, "images_dir": captions.images_dir, "course_version": __version__,
-        "num_images_listed": len(images), "complete": False,
+        "dataset": data.dataset, "source": captions.source, "images_dir": captions.images_dir,
+        "course_version": __version__, "num_images_listed": len(images), "complete": False,
     }
     if not _check_compatible(out, meta):
         write_json(out / "meta.json", meta)
@@ -290,8 +290,11 @@ def load_cache(path: str | Path, backbone: str | None = None) -> FeatureCache:
     """Read a finished cache; refuses an incomplete one or one made with another backbone."""
     path = Path(path)
     if not (path / "meta.json").is_file():
-        raise FeatureCacheError(f"No feature cache at {path}: run `python -m utils features` "
-                                "(or notebook 02) first.")
+        others = sorted(p.parent.name for p in path.parent.glob("*/meta.json")) if path.parent.is_dir() else []
+        raise FeatureCacheError(f"No feature cache at {path}: run `python -m utils features` with the same "
+                                "--dataset, --path and --images-dir (or notebook 02) first" +
+                                (f"; caches in {path.parent}: {', '.join(others)} (name one with --features DIR)."
+                                 if others else "."))
     meta = read_json(path / "meta.json")
     if meta.get("format_version") != FORMAT_VERSION:
         raise FeatureCacheError(f"{path} is a version {meta.get('format_version')} cache; this course reads "

@@ -66,9 +66,15 @@ def _images_dir(cfg: DataConfig, candidates: list[Path], names: list[str]) -> Pa
 
 def _subfolders(folder: Path, depth: int = 2) -> list[Path]:
     """`folder` and the folders under it, `depth` levels down (a download's `dataset/` or `images/images/`)."""
+    def folders_in(parent: Path) -> list[Path]:
+        try:
+            return sorted(d for d in parent.iterdir() if d.is_dir())
+        except OSError:  # unreadable: not where the images are
+            return []
+
     found, level = [folder], [folder]
     for _ in range(depth):
-        level = [d for parent in level for d in sorted(parent.iterdir()) if d.is_dir()][:100] if level else []
+        level = [d for parent in level for d in folders_in(parent)][:100]
         found += level
     return found
 
