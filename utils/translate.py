@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .runtime import announce_offline, default_data_dir, is_offline
-from .standins import STANDIN_PREFIX, marian_dir
+from .standins import STANDIN_PREFIX, is_standin, marian_dir
 
 HUB_NAME = "Helsinki-NLP/opus-mt-en-{lang}"
 # The choices the demo and the explorer offer: opus-mt-en-<lang> models with one target language (those
@@ -47,7 +47,7 @@ class Translator:
 
     @property
     def standin(self) -> bool:
-        return self.name.startswith(STANDIN_PREFIX)
+        return is_standin(self.name)
 
     @property
     def about(self) -> str:
@@ -89,17 +89,18 @@ def load_translator(lang: str, offline: bool | None = None, models_dir: str | Pa
         name = STANDIN_PREFIX + "marian"
     else:
         source = name = HUB_NAME.format(lang=lang)
-        if importlib.util.find_spec("sentencepiece") is None:
-            raise TranslationError(f"translating to {language_name(lang)} with {name} needs the sentencepiece "
-                                   f"package (its tokenizer's): pip install {SENTENCEPIECE}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForSeq2SeqLM.from_pretrained(source).eval()
     except OSError as exc:  # not on the hub, no network, a broken download
         raise TranslationError(f"no translation model for {language_name(lang)}: {name} cannot be loaded "
                                f"({str(exc).splitlines()[0]}). Models exist for {', '.join(LANGUAGES)} and more "
                                "(see huggingface.co/Helsinki-NLP); offline, --offline uses a stand-in.") from None
-    return Translator(lang, name, model, tokenizer)
+    # The model first: a language without one is named before anything else. Its MarianTokenizer needs
+    # sentencepiece (the stand-in's tokenizer does not).
+    if not is_standin(name) and importlib.util.find_spec("sentencepiece") is None:
+        raise TranslationError(f"translating to {language_name(lang)} with {name} needs the sentencepiece "
+                               f"package (for its tokenizer): pip install {SENTENCEPIECE}")
+    return Translator(lang, name, model, AutoTokenizer.from_pretrained(source))
 
 
 class Translators:
