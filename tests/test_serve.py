@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import re
 import subprocess
@@ -21,11 +22,13 @@ from PIL import Image
 from conftest import ROOT, cli_env, run_cli
 from utils.captioner import Captioner
 from utils.config import DecodeConfig, RuntimeConfig, standin_preset
+from utils.controls import KNOBS, table_json
 from utils.features import load_cache
 from utils.plots import figures_dir
 from utils.datasets import DatasetError
 from utils.serve import MAX_BYTES, bundle_title, create_app, folder_examples, validation_examples
 from utils.training import train
+from utils.translate import LANGUAGES, STANDIN_LABEL, Translators
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -52,8 +55,14 @@ def captioner(bundle, models_dir):
 
 
 @pytest.fixture(scope="module")
-def client(captioner, bundle):
-    return create_app(captioner, validation_examples(captioner), title=bundle_title(bundle)).test_client()
+def translators(models_dir):
+    return Translators(offline=True, models_dir=models_dir)
+
+
+@pytest.fixture(scope="module")
+def client(captioner, bundle, translators):
+    return create_app(captioner, validation_examples(captioner), title=bundle_title(bundle),
+                      translators=translators).test_client()
 
 
 def png(image: Image.Image) -> bytes:
@@ -92,6 +101,30 @@ def test_the_page_is_one_self_contained_file(client):
     assert page.count('<img src="data:image/png;base64,') == 12, "the gallery: 12 validation images, inline"
     assert "http://" not in page and "https://" not in page, "no asset from elsewhere: the demo works offline"
     assert "Stand-in model" in page and "embedded-mlp" in page
+
+
+def test_the_pages_knobs_and_its_javascript_come_from_the_table_of_controls(client):
+    page = client.get("/").get_data(as_text=True)
+    for field, c in KNOBS.items():
+        assert f'id="{field}" name="{field}" min="{c.low}"' in page and f'max="{c.high}"' in page
+    sent = json.loads(re.search(r"const page = (\{.*\});", page).group(1))
+    assert sent["controls"] == table_json(), "the page's JavaScript greys knobs out by the table, sent as JSON"
+    script = re.sub(r"const page = .*;", "", page.split("<script>")[1])
+    assert not re.search(r"""["'](greedy|beam|sample|top_p|num_beams)["']""", script), "no copy of the table in JS"
+    for code, language in LANGUAGES.items():
+        assert f'<option value="{code}">{language}</option>' in page
+
+
+def test_captions_translated_by_the_standin_say_so(client, captioner, translators):
+    status, reply = post(client, (png(photo()), "mine.png"), method="beam", num_beams=3, num_return_sequences=2,
+                         translate="de")
+    assert status == 200 and len(reply["translations"]) == 2
+    assert reply["translations"] == translators["de"](reply["captions"])
+    assert all(t.startswith(STANDIN_LABEL) for t in reply["translations"])
+    assert "not a translation" in reply["translated_by"]
+    status, reply = post(client, token=reply["token"], translate="german!")  # no model: the captions still come
+    assert status == 200 and reply["captions"] and "translations" not in reply
+    assert "give a language code such as de or fr" in reply["translate_error"]
 
 
 def test_an_upload_gets_the_captioners_own_captions_for_each_setting(client, captioner):
@@ -224,7 +257,7 @@ def shown(page, name: str, call: str) -> list[str]:
                            "document.getElementById('call').textContent === call && "
                            "document.getElementById('captions').getAttribute('aria-busy') === 'false'",
                            arg=[name, call])
-    return page.locator("#captions li").all_inner_texts()
+    return page.locator("#captions li .caption").all_inner_texts()
 
 
 @pytest.mark.slow
@@ -264,13 +297,20 @@ def test_the_demo_in_a_real_browser(server, captioner, small_cache):
             captions = shown(page, upload.name, call)
             assert captions == expected(captioner, upload, sample) and len(captions) == 3
 
+            page.select_option("#translate", "de")  # the same captions, each with the stand-in's words below
+            page.wait_for_selector("#captions li .translation")
+            assert shown(page, upload.name, call) == captions
+            lines = page.locator("#captions li .translation").all_inner_texts()
+            assert len(lines) == 3 and all(line.startswith(STANDIN_LABEL) for line in lines)
+            assert "not a translation" in page.inner_text("#translated")
+
             page.set_input_files("#upload", files=[{"name": "huge.jpg", "mimeType": "image/jpeg",
                                                     "buffer": b"\xff" * (MAX_BYTES + 1)}])
             page.wait_for_selector("#message:has-text('huge.jpg is larger than the limit')")
             page.set_input_files("#upload", files=[{"name": "notes.txt", "mimeType": "text/plain",
                                                     "buffer": b"these are not pixels"}])
             page.wait_for_selector("#message:has-text('notes.txt cannot be captioned: not an image')")
-            assert page.locator("#captions li").all_inner_texts() == captions, "the last captions stay shown"
+            assert page.locator("#captions li .caption").all_inner_texts() == captions, "the last captions stay"
             out = figures_dir() / "web_demo.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out), full_page=True)

@@ -65,7 +65,7 @@ class Translator:
             batch = self.tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
                                    max_length=256)
             with torch.no_grad():
-                ids = self.model.generate(**batch, max_new_tokens=2 * batch["input_ids"].shape[1] + 8)
+                ids = self.model.generate(**batch, max_new_tokens=3 * batch["input_ids"].shape[1] // 2 + 8)
             out += [" ".join(t.split()) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         return [f"{STANDIN_LABEL} {t}" for t in out] if self.standin else out
 
