@@ -369,25 +369,24 @@ def marian_dir(models_dir: str | Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import MarianConfig, MarianMTModel, PreTrainedTokenizerFast
 
+    from .files import atomic_dir
+
     dest = Path(models_dir) / "standin-marian"
     if (dest / "standin.json").is_file():
         return dest
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()  # as sentencepiece splits
     bpe.train_from_iterator(_CORPUS.splitlines(), trainers.BpeTrainer(
         vocab_size=_MARIAN_VOCAB, special_tokens=["</s>", "<unk>", "<pad>"], show_progress=False))
     bpe.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 0)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-    tokenizer.save_pretrained(tmp)
     with _private_torch_state():
-        config = MarianConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-                              forced_eos_token_id=tokenizer.eos_token_id, **_MARIAN)
-        MarianMTModel(config).save_pretrained(tmp)
-    write_json(tmp / "standin.json", {"standin": True, "what": "tiny random-init Marian model for offline runs: "
-                                      "its output is random words, not a translation", "config": _MARIAN})
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+        model = MarianMTModel(MarianConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id,
+                                           decoder_start_token_id=tokenizer.pad_token_id, **_MARIAN))
+    with atomic_dir(dest) as tmp:  # a folder half written is never taken for a built one
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        write_json(tmp / "standin.json", {"standin": True, "what": "tiny random-init Marian model for offline runs: "
+                                          "its output is random words, not a translation", "config": _MARIAN})
     return dest
