@@ -4,6 +4,7 @@ real headless Chromium, each caption shown checked against the captioner's own f
 from __future__ import annotations
 
 import dataclasses
+import html
 import io
 import json
 import os
@@ -144,6 +145,25 @@ def test_an_upload_gets_the_captioners_own_captions_for_each_setting(client, cap
     status, reply = post(client, token=token, method="greedy", num_return_sequences=4)
     assert reply["captions"] == expected(captioner, photo(), DecodeConfig())
     assert reply["call"] == "captioner.caption([image], method='greedy')"
+
+
+def test_a_large_jpeg_gets_the_same_captions_from_its_file_the_demo_and_the_explorer(client, captioner, translators,
+                                                                                       tmp_path):
+    from utils.widgets import DecodingExplorer
+
+    big = photo().resize((2400, 1600))
+    big.paste((230, 60, 40), (1500, 300, 2100, 900))
+    path = tmp_path / "phone.jpg"
+    big.save(path, quality=92)
+    beam = DecodeConfig(method="beam", num_beams=3, num_return_sequences=3)
+    from_file = expected(captioner, path, beam)
+    status, reply = post(client, (path.read_bytes(), "phone.jpg"), method="beam", num_beams=3, num_return_sequences=3)
+    assert status == 200 and reply["captions"] == from_file
+    explorer = DecodingExplorer(captioner, {"phone": str(path)}, translators=translators)
+    explorer.method.value = "beam"
+    explorer.num_beams.value = 3
+    assert explorer.calls[-1] == ("phone", beam)
+    assert re.findall(r"<li>(.*?)</li>", explorer.output.value) == [html.escape(c) for c in from_file]
 
 
 def test_a_gallery_image_is_captioned_as_its_file(client, captioner):
