@@ -62,7 +62,7 @@ def test_standin_output_is_labelled_never_passed_off_as_a_translation(translator
     texts = ["a red circle on the left", "a small blue square at the top", "a red circle on the left"]
     out = translator(texts)
     assert len(out) == 3 and all(line.startswith(STANDIN_LABEL + " ") for line in out)
-    assert out[0] == out[2], "the same caption, the same output"
+    assert out[0] == out[2] and out[0] != out[1], "the same caption, the same output; another, another"
 
 
 def test_a_language_code_that_is_no_code_is_refused_saying_what_to_give(models_dir):
