@@ -4,7 +4,9 @@ real headless Chromium, each caption shown checked against the captioner's own f
 from __future__ import annotations
 
 import dataclasses
+import html
 import io
+import json
 import os
 import re
 import subprocess
@@ -21,11 +23,13 @@ from PIL import Image
 from conftest import ROOT, cli_env, run_cli
 from utils.captioner import Captioner
 from utils.config import DecodeConfig, RuntimeConfig, standin_preset
+from utils.controls import KNOBS, table_json
 from utils.features import load_cache
 from utils.plots import figures_dir
 from utils.records import DatasetError
 from utils.serve import MAX_BYTES, bundle_title, create_app, folder_examples, validation_examples
 from utils.training import train
+from utils.translate import LANGUAGES, STANDIN_LABEL, Translators
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -52,8 +56,14 @@ def captioner(bundle, models_dir):
 
 
 @pytest.fixture(scope="module")
-def client(captioner, bundle):
-    return create_app(captioner, validation_examples(captioner), title=bundle_title(bundle)).test_client()
+def translators(models_dir):
+    return Translators(offline=True, models_dir=models_dir)
+
+
+@pytest.fixture(scope="module")
+def client(captioner, bundle, translators):
+    return create_app(captioner, validation_examples(captioner), title=bundle_title(bundle),
+                      translators=translators).test_client()
 
 
 def png(image: Image.Image) -> bytes:
@@ -94,6 +104,30 @@ def test_the_page_is_one_self_contained_file(client):
     assert "Stand-in model" in page and "embedded-mlp" in page
 
 
+def test_the_pages_knobs_and_its_javascript_come_from_the_table_of_controls(client):
+    page = client.get("/").get_data(as_text=True)
+    for field, c in KNOBS.items():
+        assert f'id="{field}" name="{field}" min="{c.low}"' in page and f'max="{c.high}"' in page
+    sent = json.loads(re.search(r"const page = (\{.*\});", page).group(1))
+    assert sent["controls"] == table_json(), "the page's JavaScript greys knobs out by the table, sent as JSON"
+    script = re.sub(r"const page = .*;", "", page.split("<script>")[1])
+    assert not re.search(r"""["'](greedy|beam|sample|top_p|num_beams)["']""", script), "no copy of the table in JS"
+    for code, language in LANGUAGES.items():
+        assert f'<option value="{code}">{language}</option>' in page
+
+
+def test_captions_translated_by_the_standin_say_so(client, captioner, translators):
+    status, reply = post(client, (png(photo()), "mine.png"), method="beam", num_beams=3, num_return_sequences=2,
+                         translate="de")
+    assert status == 200 and len(reply["translations"]) == 2
+    assert reply["translations"] == translators["de"](reply["captions"])
+    assert all(t.startswith(STANDIN_LABEL) for t in reply["translations"])
+    assert "not a translation" in reply["translated_by"]
+    status, reply = post(client, token=reply["token"], translate="german!")  # no model: the captions still come
+    assert status == 200 and reply["captions"] and "translations" not in reply
+    assert "give a language code such as de or fr" in reply["translate_error"]
+
+
 def test_an_upload_gets_the_captioners_own_captions_for_each_setting(client, captioner):
     status, reply = post(client, (png(photo()), "mine.png"), method="beam", num_beams=3, num_return_sequences=2)
     assert status == 200 and reply["name"] == "mine.png" and reply["preview"].startswith("data:image/png;base64,")
@@ -111,6 +145,25 @@ def test_an_upload_gets_the_captioners_own_captions_for_each_setting(client, cap
     status, reply = post(client, token=token, method="greedy", num_return_sequences=4)
     assert reply["captions"] == expected(captioner, photo(), DecodeConfig())
     assert reply["call"] == "captioner.caption([image], method='greedy')"
+
+
+def test_a_large_jpeg_gets_the_same_captions_from_its_file_the_demo_and_the_explorer(client, captioner, translators,
+                                                                                       tmp_path):
+    from utils.widgets import DecodingExplorer
+
+    big = photo().resize((2400, 1600))
+    big.paste((230, 60, 40), (1500, 300, 2100, 900))
+    path = tmp_path / "phone.jpg"
+    big.save(path, quality=92)
+    beam = DecodeConfig(method="beam", num_beams=3, num_return_sequences=3)
+    from_file = expected(captioner, path, beam)
+    status, reply = post(client, (path.read_bytes(), "phone.jpg"), method="beam", num_beams=3, num_return_sequences=3)
+    assert status == 200 and reply["captions"] == from_file
+    explorer = DecodingExplorer(captioner, {"phone": str(path)}, translators=translators)
+    explorer.method.value = "beam"
+    explorer.num_beams.value = 3
+    assert explorer.calls[-1] == ("phone", beam)
+    assert re.findall(r"<li>(.*?)</li>", explorer.output.value) == [html.escape(c) for c in from_file]
 
 
 def test_a_gallery_image_is_captioned_as_its_file(client, captioner):
@@ -224,7 +277,7 @@ def shown(page, name: str, call: str) -> list[str]:
                            "document.getElementById('call').textContent === call && "
                            "document.getElementById('captions').getAttribute('aria-busy') === 'false'",
                            arg=[name, call])
-    return page.locator("#captions li").all_inner_texts()
+    return page.locator("#captions li .caption").all_inner_texts()
 
 
 @pytest.mark.slow
@@ -264,13 +317,20 @@ def test_the_demo_in_a_real_browser(server, captioner, small_cache):
             captions = shown(page, upload.name, call)
             assert captions == expected(captioner, upload, sample) and len(captions) == 3
 
+            page.select_option("#translate", "de")  # the same captions, each with the stand-in's words below
+            page.wait_for_selector("#captions li .translation")
+            assert shown(page, upload.name, call) == captions
+            lines = page.locator("#captions li .translation").all_inner_texts()
+            assert len(lines) == 3 and all(line.startswith(STANDIN_LABEL) for line in lines)
+            assert "not a translation" in page.inner_text("#translated")
+
             page.set_input_files("#upload", files=[{"name": "huge.jpg", "mimeType": "image/jpeg",
                                                     "buffer": b"\xff" * (MAX_BYTES + 1)}])
             page.wait_for_selector("#message:has-text('huge.jpg is larger than the limit')")
             page.set_input_files("#upload", files=[{"name": "notes.txt", "mimeType": "text/plain",
                                                     "buffer": b"these are not pixels"}])
             page.wait_for_selector("#message:has-text('notes.txt cannot be captioned: not an image')")
-            assert page.locator("#captions li").all_inner_texts() == captions, "the last captions stay shown"
+            assert page.locator("#captions li .caption").all_inner_texts() == captions, "the last captions stay"
             out = figures_dir() / "web_demo.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out), full_page=True)

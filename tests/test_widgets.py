@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 from utils.config import DecodeConfig, ModelConfig, RuntimeConfig
+from utils.controls import KNOBS
 from utils.features import load_cache
 from utils.training import build_captioner
-from utils.widgets import DecodingExplorer
+from utils.translate import STANDIN_LABEL, Translators
+from utils.widgets import UPLOAD_LIMIT, DecodingExplorer
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
 
@@ -39,9 +41,14 @@ def images(small_cache) -> dict[str, str]:
     return dict(zip(test["image_id"], test["image_path"]))
 
 
+@pytest.fixture(scope="module")
+def translators(models_dir):
+    return Translators(offline=True, models_dir=models_dir)
+
+
 @pytest.fixture
-def explorer(captioner, images):
-    return DecodingExplorer(captioner, images)
+def explorer(captioner, images, translators):
+    return DecodingExplorer(captioner, images, translators=translators)
 
 
 def shown(explorer) -> list[str]:
@@ -127,3 +134,40 @@ def test_the_widget_holds_every_control(explorer):
     for control in (explorer.image, explorer.upload, explorer.method, explorer.temperature, explorer.num_beams,
                     explorer.top_p, explorer.samples, explorer.seed):
         assert control in knobs
+
+
+def test_the_knobs_are_the_table_of_decoding_controls(explorer):
+    for field, c in KNOBS.items():
+        knob = explorer.knobs[field]
+        assert (knob.description, knob.min, knob.max) == (c.label, c.low, c.high)
+        if c.widget == "slider":
+            assert knob.step == c.step
+    assert explorer.settings.value == "<code>captioner.caption([image], method=&#x27;greedy&#x27;)</code>"
+
+
+def test_captions_translated_by_the_standin_say_so(explorer, translators):
+    explorer.method.value = "sample"
+    explorer.translate.value = "de"
+    captions = shown(explorer)
+    translator = translators["de"]
+    assert translator.about in html.unescape(explorer.translation.value)
+    lines = [html.unescape(t) for t in re.findall(r"<li>(.*?)</li>", explorer.translation.value, re.S)]
+    assert lines == translator(captions) and all(line.startswith(STANDIN_LABEL) for line in lines)
+    explorer.translate.value = ""
+    assert explorer.translation.value == ""
+
+
+def test_a_photo_too_large_to_upload_is_said_so_and_taken_by_its_path(explorer, captioner, tmp_path):
+    import numpy as np
+
+    assert f"up to {UPLOAD_LIMIT // 2**20} MB" in explorer.upload_note.value
+    assert explorer.upload_note in explorer.widget().children[0].children
+    noise = np.random.default_rng(0).integers(0, 256, (2100, 2100, 3), dtype=np.uint8)
+    big = tmp_path / "big.png"
+    Image.fromarray(noise).save(big, compress_level=1)
+    assert big.stat().st_size > UPLOAD_LIMIT, "over the limit of a widget message"
+    explorer.path.value = str(big)
+    assert explorer.image.value == "file: big.png"
+    assert shown(explorer) == expected(captioner, big, DecodeConfig())
+    explorer.path.value = str(tmp_path / "missing.jpg")
+    assert "missing.jpg" in explorer.output.value and "missing file" in explorer.output.value

@@ -126,9 +126,13 @@ def _image_files(targets: list[str]) -> list[str]:
 def cmd_caption(args, captioner=None) -> list[dict]:
     """Caption image files and folders; an unreadable image is named with its reason, the rest captioned."""
     decode = decode_config(**given_arguments(DecodeConfig, args))
+    from .translate import add_translations, load_translator
+
+    # --translate: loaded first, so a language without a model fails before any captioning
+    translator = load_translator(args.translate, _runtime(args).offline) if getattr(args, "translate", None) else None
     captioner = captioner or _load_captioner(args)
     paths = _image_files(args.images)
-    results = captioner.caption_files(paths, decode)
+    results = add_translations(captioner.caption_files(paths, decode), translator)
     for r in results:
         if r["error"]:
             print(f"skipped {r['image']}: {r['error']} (replace or remove the file)", file=sys.stderr)
@@ -137,8 +141,10 @@ def cmd_caption(args, captioner=None) -> list[dict]:
     else:
         for r in results:
             if r["caption"] is not None:  # one line per caption: several with num_return_sequences
-                for caption in [r["caption"]] if isinstance(r["caption"], str) else r["caption"]:
-                    print(f"{r['image']}\t{caption}")
+                for i, caption in enumerate([r["caption"]] if isinstance(r["caption"], str) else r["caption"]):
+                    translation = r.get("translation")  # --translate: a third column
+                    translation = ([translation] if isinstance(translation, str) else translation or [])[i:i + 1]
+                    print("\t".join([r["image"], caption, *translation]))
     if not any(r["caption"] is not None for r in results):
         sys.exit(f"error: none of the {len(paths)} image(s) could be captioned.")
     return results
@@ -206,7 +212,10 @@ def cmd_serve(args) -> None:
             except CaptionerError as exc:
                 why = str(exc)
             print(f"no example gallery: {why}; show a folder of images with --examples DIR", file=sys.stderr)
-    app = create_app(captioner, examples, decode, title=bundle_title(args.model), examples_are=examples_are)
+    from .translate import Translators
+
+    app = create_app(captioner, examples, decode, title=bundle_title(args.model), examples_are=examples_are,
+                     translators=Translators(_runtime(args).offline))  # --offline: the stand-in translator too
     try:  # port 0: a free port, the one printed below
         server = make_server(args.host, args.port, app, threaded=True)  # a port in use: werkzeug says so, exits 1
     except OSError as exc:
@@ -283,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--features", default=None, help="feature cache folder (default: from dataset + backbone)")
     caption = command("caption", cmd_caption, "caption image files and folders with a trained captioner")
     caption.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
+    caption.add_argument("--translate", default=None, metavar="LANG", help="also translate each caption to LANG "
+                         "(de, fr, ...) with Helsinki-NLP/opus-mt-en-LANG (offline: a stand-in, labelled so)")
     evaluate = command("evaluate", cmd_evaluate, "score a trained captioner on a split of a feature cache")
     evaluate.add_argument("--split", default="test", help="train, val or test (default: test)")
     evaluate.add_argument("--features", default=None,
@@ -340,12 +351,13 @@ def main(argv: list[str] | None = None) -> None:
     from .files import DiskFull
     from .runtime import GPUUnsupported
     from .training import TrainingError
+    from .translate import TranslationError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (CaptionerError, ClipCapImportError, DatasetError, DecodeConfigError, DiskFull, DownloadError,
-            EvaluationError, FeatureCacheError, GPUUnsupported, TrainingError,
+            EvaluationError, FeatureCacheError, GPUUnsupported, TrainingError, TranslationError,
             FileNotFoundError) as exc:  # FileNotFoundError: a path given on the command line is not there
         sys.exit(f"error: {exc}")
 

@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .paths import default_data_dir
+from .controls import METHOD_ONLY  # settings only one method reads: the table of decoding controls
 
 DATASETS = ("embedded", "flickr30k", "food", "coco", "karpathy", "csv", "folder", "webdataset")
 
@@ -106,9 +107,6 @@ class TrainConfig:
 
 
 DECODE_METHODS = ("greedy", "beam", "sample")
-# Settings that only one method reads: given to another, they are refused rather than silently unused.
-METHOD_ONLY = {"num_beams": "beam", "length_penalty": "beam", "temperature": "sample", "top_k": "sample",
-                "top_p": "sample"}
 
 
 class DecodeConfigError(ValueError):

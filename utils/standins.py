@@ -351,3 +351,43 @@ def _train_tokenizer(dest: Path):
     tokenizer = GPT2Tokenizer.from_pretrained(dest, unk_token=EOS, bos_token=EOS, eos_token=EOS)
     tokenizer.save_pretrained(dest)
     return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The stand-in Marian translation model (utils/translate.py): a tiny random MarianMTModel and a BPE
+# tokenizer trained here, saved in `from_pretrained` layout. Its output is random words, never a
+# translation; translate.py labels every line it gives so. (The real opus-mt tokenizer is a
+# MarianTokenizer, which needs sentencepiece; this one is a `tokenizers` BPE, which does not.)
+
+_MARIAN = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+               encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+               init_std=0.5)  # at 0.02 the tiny random model gives one output whatever the input
+_MARIAN_VOCAB = 400
+
+
+def marian_dir(models_dir: str | Path) -> Path:
+    """Folder holding the stand-in Marian model and its tokenizer, built on first use (about a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import MarianConfig, MarianMTModel, PreTrainedTokenizerFast
+
+    from .files import atomic_dir
+
+    dest = Path(models_dir) / "standin-marian"
+    if (dest / "standin.json").is_file():
+        return dest
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()  # as sentencepiece splits
+    bpe.train_from_iterator(_CORPUS.splitlines(), trainers.BpeTrainer(
+        vocab_size=_MARIAN_VOCAB, special_tokens=["</s>", "<unk>", "<pad>"], show_progress=False))
+    bpe.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    with _private_torch_state():
+        model = MarianMTModel(MarianConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id,
+                                           decoder_start_token_id=tokenizer.pad_token_id, **_MARIAN))
+    with atomic_dir(dest) as tmp:  # a folder half written is never taken for a built one
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        write_json(tmp / "standin.json", {"standin": True, "what": "tiny random-init Marian model for offline runs: "
+                                          "its output is random words, not a translation", "config": _MARIAN})
+    return dest
