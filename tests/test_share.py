@@ -117,3 +117,18 @@ def test_deepspeed_zero2_config_is_read_by_accelerate():
     config = ClusterConfig.from_yaml_file(str(path))
     assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 2
     assert config.num_processes == 2 and config.mixed_precision == "fp16"
+
+
+def test_export_and_publish_through_the_cli(bundle, data_dir, tmp_path):
+    out = run_cli("export", "--model", str(bundle), "--out", str(tmp_path / "one.clipcap"), data_dir=data_dir)
+    assert (tmp_path / "one.clipcap").is_file() and "one file" in out.stdout
+    assert ".clipcap file" in run_cli("caption", "--help", data_dir=data_dir).stdout
+    refused = run_cli("publish", "--model", str(bundle), "--to", "hub:alice/x", data_dir=data_dir, check=False)
+    assert refused.returncode == 1 and "offline" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_from_pretrained_takes_the_single_file(bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPCAP_CACHE", str(tmp_path / "cache"))
+    archive = export_file(bundle, tmp_path / "b.clipcap")
+    captioner = Captioner.from_pretrained(archive)
+    assert captioner.generate(torch.zeros(1, 64))

@@ -262,6 +262,22 @@ def cmd_bench(args) -> None:
         print(json.dumps(result["summary"], indent=2))
 
 
+def cmd_export(args) -> None:
+    from .share import export_file
+
+    out = export_file(args.model, args.out)
+    print(f"one file: {out} ({out.stat().st_size / 2**20:.1f} MiB); load it with "
+          f"Captioner.from_pretrained({str(out)!r}) or --model {out}")
+
+
+def cmd_publish(args) -> None:
+    from .runtime import is_offline
+    from .share import publish
+
+    where = publish(args.model, args.to, offline=is_offline(_runtime(args).offline), private=args.private)
+    print(f"published {args.model} to {where}; load it with Captioner.from_pretrained({args.to!r})")
+
+
 COURSE_HELP = ("the main job: run the course's stages end to end. Run again, it reuses a finished feature cache and "
                "training run and continues unfinished ones (--fresh: a new run). --batch-size is the training "
                "batch; --feature-batch-size and --num-workers are the feature stage's.")
@@ -303,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--clip-score", action=argparse.BooleanOptionalAction, default=True,
                           help="CLIPScore and RefCLIPScore (reads the images again)")
     for p in (caption, evaluate):
-        p.add_argument("--model", required=True, help="captioner bundle folder (training writes <run>/captioner)")
+        p.add_argument("--model", required=True, help="captioner bundle: a folder (training writes <run>/captioner), "
+                       "a .clipcap file, a Hub id (user/name) or kaggle:OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION]")
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
     course = command("course", cmd_course, COURSE_HELP, [DataConfig])
     add_arguments(course, FeatureConfig, skip=("batch_size",))
@@ -331,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "transformer_weights.pt from github.com/rmokady/CLIP_prefix_caption")
     clipcap.add_argument("--out", required=True, help="folder for the bundle")
     add_arguments(clipcap, ModelConfig, only=("backbone", "mapper", "prefix_length", "lm"))
+    export = command("export", cmd_export, "write a captioner bundle as one .clipcap file (loads like the folder)")
+    export.add_argument("--model", required=True, help="captioner bundle folder")
+    export.add_argument("--out", default=None, help="the file (default: <bundle>.clipcap beside the bundle)")
+    publish = command("publish", cmd_publish, "upload a captioner bundle to the Hugging Face Hub or Kaggle Models")
+    publish.add_argument("--model", required=True, help="captioner bundle folder")
+    publish.add_argument("--to", required=True, metavar="hub:USER/NAME|kaggle:OWNER/NAME",
+                         help="where: the Hub (needs `huggingface-cli login`) or Kaggle Models (KAGGLE_API_TOKEN)")
+    publish.add_argument("--private", action="store_true", help="hub: a private repository")
     bench = command("bench", cmd_bench, "measure features / training / captioning against the ClipCap way")
     bench.add_argument("what", nargs="?", default="features", choices=("features", "training", "captioning", "all"))
     bench.add_argument("--images", type=int, default=32, help="images per measurement (features, captioning)")
@@ -350,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     from .features import FeatureCacheError
     from .files import DiskFull
     from .runtime import GPUUnsupported
+    from .share import ShareError
     from .training import TrainingError
     from .translate import TranslationError
 
@@ -357,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (CaptionerError, ClipCapImportError, DatasetError, DecodeConfigError, DiskFull, DownloadError,
-            EvaluationError, FeatureCacheError, GPUUnsupported, TrainingError, TranslationError,
+            EvaluationError, FeatureCacheError, GPUUnsupported, ShareError, TrainingError, TranslationError,
             FileNotFoundError) as exc:  # FileNotFoundError: a path given on the command line is not there
         sys.exit(f"error: {exc}")
 

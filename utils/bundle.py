@@ -55,7 +55,9 @@ def load(cls, path: str | Path, device: str | torch.device = "cpu"):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
+    from .share import resolve_bundle
+
+    path = resolve_bundle(path)  # a folder as it is; a .clipcap file, a Hub id or a Kaggle handle fetched first
     if not (path / "config.json").is_file():
         raise CaptionerError(f"{path} is not a captioner bundle (no config.json): train one with "
                              "`python -m utils train` or export one from a checkpoint.")

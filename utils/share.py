@@ -139,13 +139,17 @@ def parse_source(source: str) -> tuple[str, str]:
     return "folder", str(path)
 
 
-def resolve_bundle(source: str | Path, offline: bool = False) -> Path:
-    """A local bundle folder for a folder, a `.clipcap` file, a Hub id or a Kaggle model handle."""
+def resolve_bundle(source: str | Path, offline: bool | None = None) -> Path:
+    """A local bundle folder for a folder, a `.clipcap` file, a Hub id or a Kaggle model handle
+    (offline None: CLIPCAP_OFFLINE, else whether a hub answers, asked only for a Hub id or handle)."""
     kind, ident = parse_source(str(source))
     if kind == "folder":
         return Path(ident)
     if kind == "file":
         return import_file(ident)
+    from .runtime import is_offline
+
+    offline = is_offline(offline)
     if kind == "hub":
         return _from_hub(ident, offline)
     return _from_kaggle(ident, offline)
