@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (DataConfig, DecodeConfig, DecodeConfigError, FeatureConfig, ModelConfig, RuntimeConfig,
-                     TrainConfig, add_arguments, decode_config, from_arguments, given_arguments, standin_preset)
+from .config import (ConfigError, DataConfig, DecodeConfig, DecodeConfigError, FeatureConfig, ModelConfig,
+                     RuntimeConfig, TrainConfig, add_arguments, decode_config, from_arguments, given_arguments, standin_preset)
 
 
 def _runtime(args) -> RuntimeConfig:
@@ -97,7 +97,7 @@ def cmd_train(args):
 
     from .features import default_cache_dir
     from .runtime import is_offline
-    from .training import train
+    from .training import TrainingInterrupted, train
 
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
     offline = is_offline(runtime.offline)
@@ -105,7 +105,11 @@ def cmd_train(args):
     model_cfg = from_arguments(ModelConfig, args, model_base)
     train_cfg = from_arguments(TrainConfig, args, train_base)
     cache = args.features or default_cache_dir(data, model_cfg.backbone, offline)
-    result = train(cache, model_cfg, train_cfg, runtime, data.data_dir)
+    try:
+        result = train(cache, model_cfg, train_cfg, runtime, data.data_dir)
+    except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: the checkpoint is written; one line, no traceback
+        print(exc, file=sys.stderr)
+        sys.exit(exc.exit_code)
     val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a (no validation split)"
     PartialState().print(f"trained {result.steps} steps; best validation loss {val}\n"
           f"captioner bundle: {result.bundle}\nhistory: {result.out_dir / 'history.json'}")
@@ -291,8 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--data-dir", default=None)
     command("download", cmd_download, "fetch a dataset (Kaggle / attached input / embedded)", [DataConfig])
     command("features", cmd_features, "cache CLIP image features (resumable)", [DataConfig, FeatureConfig])
-    train = command("train", cmd_train, "train the mapper (and chosen LM blocks) on cached features",
-                    [DataConfig, ModelConfig, TrainConfig])
+    train = command("train", cmd_train, "train the mapper (and chosen LM blocks) on cached features; offline, "
+                    "the stand-in preset changes some defaults (shown as 'offline: ...')", [DataConfig])
+    for cls, base in zip((ModelConfig, TrainConfig), standin_preset()):
+        add_arguments(train, cls, skip=("clip_dim",), base=base)
     train.add_argument("--features", default=None, help="feature cache folder (default: from dataset + backbone)")
     caption = command("caption", cmd_caption, "caption image files and folders with a trained captioner")
     caption.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CaptionerError, ClipCapImportError, DatasetError, DecodeConfigError, DiskFull, DownloadError,
+    except (CaptionerError, ClipCapImportError, ConfigError, DatasetError, DecodeConfigError, DiskFull, DownloadError,
             EvaluationError, FeatureCacheError, GPUUnsupported, TrainingError,
             FileNotFoundError) as exc:  # FileNotFoundError: a path given on the command line is not there
         sys.exit(f"error: {exc}")
