@@ -42,6 +42,7 @@ CHECKPOINT_VERSION = 2  # 2: the schedule's horizon is recorded; best.pt holds n
 _FREE_ON_RESUME = {"resume", "max_steps", "out_dir", "checkpoint_every", "checkpoint_minutes", "log_every",
                    "eval_every", "num_workers", "watch_images", "collapse_warning", "patience"}
 MAX_WARMUP_SHARE = 3  # a warm-up longer than 1/3 of the schedule is shortened to it (and the run says so)
+COLLAPSE_EVALS = 3  # evaluations in a row the captions must stay collapsed before the run warns
 MAX_SKIPPED_STEPS = 25  # fp16: this many non-finite losses in a row stop the run (the scaler halves each time)
 
 
@@ -159,6 +160,7 @@ def build_captioner(model_cfg: ModelConfig, cache: FeatureCache, runtime: Runtim
     """A fresh captioner whose CLIP width and backbone come from the feature cache it will read."""
     model_cfg = dataclasses.replace(model_cfg, clip_dim=int(cache.meta["clip_dim"]), backbone=cache.meta["backbone"])
     lm, tokenizer, lm_name = load_language_model(model_cfg.lm, is_offline(runtime.offline), models_dir)
+    torch.manual_seed(runtime.seed)  # after the LM: building a stand-in on first use draws random numbers too
     return Captioner(dataclasses.replace(model_cfg, lm=lm_name), lm, tokenizer)
 
 
@@ -270,7 +272,6 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
         if accelerator.is_main_process:
             tqdm.write(message)
 
-    torch.manual_seed(runtime.seed)
     cache = load_cache(cache_path)
     out = Path(cfg.out_dir or Path(data_dir) / "runs" / f"{cache.meta['dataset']}-{model_cfg.mapper}")
     checkpoint = out / "checkpoint.pt"
@@ -425,22 +426,22 @@ def _watch_captions(captioner: Captioner, features: torch.Tensor, watch: pd.Data
     caught while it trains.
 
     Judged against the run itself, so healthy runs stay silent: captions still forming say the same few
-    things at first. It warns only after the warm-up, when the distinct share of the captions is below
-    `collapse_warning` times that of the images' own reference captions, and has not risen since the
-    previous evaluation."""
+    things at first. It warns only when, for the last COLLAPSE_EVALS evaluations after the warm-up, the
+    captions' distinct share stayed below `collapse_warning` times that of the images' own reference
+    captions without rising."""
     rows = torch.tensor(watch["feature_row"].to_numpy(), device=features.device)
     captions = captioner.generate(features[rows])
     share = len(set(captions)) / len(captions)
     reference = watch["caption"].nunique() / len(watch)  # one reference caption per watched image
     samples = state["history"].setdefault("samples", [])
-    before = samples[-1]["distinct_share"] if samples else None
     samples.append({"step": state["step"], "epoch": state["epoch"] + 1, "image_ids": watch["image_id"].tolist(),
                     "captions": captions, "distinct_share": share, "reference_share": reference})
-    if state["step"] > warmup and before is not None and share <= before and share < cfg.collapse_warning * reference:
+    recent = [s["distinct_share"] for s in samples if s["step"] > warmup][-COLLAPSE_EVALS:]
+    if len(recent) == COLLAPSE_EVALS and recent[-1] <= recent[0] and max(recent) < cfg.collapse_warning * reference:
         say(f"warning: at step {state['step']} only {len(set(captions))} distinct captions for {len(captions)} "
-            f"different images (their references: {watch['caption'].nunique()}), no better than at the last "
-            "evaluation: the captions are collapsing towards one. If it persists, lower --lr, add "
-            "--feature-noise, or check that the features differ between images.")
+            f"different images (their references: {watch['caption'].nunique()}), and no more for "
+            f"{COLLAPSE_EVALS} evaluations: the captions are collapsing towards one. If it persists, lower --lr, "
+            "add --feature-noise, or check that the features differ between images.")
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
