@@ -184,7 +184,8 @@ def test_a_warmup_longer_than_a_third_of_the_schedule_is_shortened_and_said(smal
                    data_dir=data_dir)
     assert "warm-up shortened: --warmup-steps 1000 is more than a third of the 117 steps" in proc.stdout
     assert "warming up over 39 steps instead" in proc.stdout
-    lrs = [r["lr"] for r in torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]["history"]["train"]]
+    history = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]["history"]
+    lrs = [r["lr"] for r in history["train"]]
     assert max(lrs) == pytest.approx(3e-3), "the LR reaches --lr"
 
 

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from .config import (ConfigError, DataConfig, DecodeConfig, DecodeConfigError, FeatureConfig, ModelConfig,
-                     RuntimeConfig, TrainConfig, add_arguments, decode_config, from_arguments, given_arguments, standin_preset)
+                     RuntimeConfig, TrainConfig, add_arguments, decode_config, from_arguments, given_arguments,
+                     standin_preset)
 
 
 def _runtime(args) -> RuntimeConfig:
@@ -108,7 +109,8 @@ def cmd_train(args):
     try:
         result = train(cache, model_cfg, train_cfg, runtime, data.data_dir)
     except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: the checkpoint is written; one line, no traceback
-        print(exc, file=sys.stderr)
+        if PartialState().is_main_process:
+            print(exc, file=sys.stderr)
         sys.exit(exc.exit_code)
     val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a (no validation split)"
     PartialState().print(f"trained {result.steps} steps; best validation loss {val}\n"

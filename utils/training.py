@@ -409,10 +409,10 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
 def _interrupted(save, out: Path, state: dict, signum: int) -> None:
     save(quiet=True)
     path = out / "checkpoint.pt"
+    size = f" ({path.stat().st_size / 2**20:.1f} MB)" if path.is_file() else ""
     name = signal.Signals(signum).name
-    raise TrainingInterrupted(f"{name} at step {state['step']}: the run is saved in {path} "
-                              f"({path.stat().st_size / 2**20:.1f} MB); to continue it, run the same command "
-                              "with --resume (in Python: resume=True).", signum)
+    raise TrainingInterrupted(f"{name} at step {state['step']}: the run is saved in {path}{size}; to continue"
+                              " it, run the same command with --resume (in Python: resume=True).", signum)
 
 
 def _patience_ran_out(state: dict, cfg: TrainConfig) -> bool:
