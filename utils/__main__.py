@@ -12,8 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (DataConfig, DecodeConfig, DecodeConfigError, FeatureConfig, ModelConfig, RuntimeConfig,
-                     TrainConfig, add_arguments, decode_config, from_arguments, given_arguments)
+from .config import (ConfigError, DataConfig, DecodeConfig, DecodeConfigError, FeatureConfig, ModelConfig,
+                     RuntimeConfig, TrainConfig, add_arguments, decode_config, from_arguments, given_arguments,
+                     standin_preset)
 
 
 def _runtime(args) -> RuntimeConfig:
@@ -87,7 +88,7 @@ def cmd_train(args):
     from .course import default_configs, training_report
     from .features import default_cache_dir
     from .runtime import is_offline
-    from .training import train
+    from .training import TrainingInterrupted, train
 
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
     offline = is_offline(runtime.offline)
@@ -95,7 +96,12 @@ def cmd_train(args):
     model_cfg = from_arguments(ModelConfig, args, model_base)
     train_cfg = from_arguments(TrainConfig, args, train_base)
     cache = args.features or default_cache_dir(data, model_cfg.backbone, offline)
-    result = train(cache, model_cfg, train_cfg, runtime, data.data_dir)
+    try:
+        result = train(cache, model_cfg, train_cfg, runtime, data.data_dir)
+    except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: the checkpoint is written; one line, no traceback
+        if PartialState().is_main_process:
+            print(exc, file=sys.stderr)
+        sys.exit(exc.exit_code)
     PartialState().print(training_report(result))
     return result
 
@@ -303,8 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--base-url", default=None, help="coco: where annotations/ and the images are "
                           "(default: CLIPCAP_COCO_URL, else http://images.cocodataset.org)")
     command("features", cmd_features, "cache CLIP image features (resumable)", [DataConfig, FeatureConfig])
-    train = command("train", cmd_train, "train the mapper (and chosen LM blocks) on cached features",
-                    [DataConfig, ModelConfig, TrainConfig])
+    train = command("train", cmd_train, "train the mapper (and chosen LM blocks) on cached features; offline, "
+                    "the stand-in preset changes some defaults (shown as 'offline: ...')", [DataConfig])
+    for cls, base in zip((ModelConfig, TrainConfig), standin_preset()):
+        add_arguments(train, cls, skip=("clip_dim",), base=base)
     train.add_argument("--features", default=None, help="feature cache folder (default: from dataset + backbone)")
     caption = command("caption", cmd_caption, "caption image files and folders with a trained captioner")
     caption.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
@@ -382,8 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CaptionerError, ClipCapImportError, DatasetError, DecodeConfigError, DiskFull, DownloadError,
-            EvaluationError, FeatureCacheError, GPUUnsupported, ShareError, TrainingError, TranslationError,
+    except (CaptionerError, ClipCapImportError, ConfigError, DatasetError, DecodeConfigError, DiskFull,
+            DownloadError, EvaluationError, FeatureCacheError, GPUUnsupported, ShareError, TrainingError,
+            TranslationError,
             FileNotFoundError) as exc:  # FileNotFoundError: a path given on the command line is not there
         sys.exit(f"error: {exc}")
 

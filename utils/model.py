@@ -96,6 +96,24 @@ def apply_freeze(lm: nn.Module, cfg: ModelConfig) -> list[str]:
     return learns
 
 
+def frozen_lm_modules(lm: nn.Module, cfg: ModelConfig) -> list[nn.Module]:
+    """The parts of the LM that do not learn, which training keeps in eval mode (dropout off).
+
+    Their weights were trained by the LM's makers and stay as they are, so their dropout would only add
+    noise to what the mapper (and the blocks that learn) are taught through them; ClipCap's frozen variant
+    keeps GPT-2 in eval mode for the same reason. frozen: the whole LM; partial: the frozen blocks, and the
+    embedding dropout when the first block is frozen too; full: nothing."""
+    if cfg.freeze == "frozen":
+        return [lm]
+    if cfg.freeze == "full":
+        return []
+    blocks = transformer_blocks(lm)
+    frozen = [b for b in blocks if not any(p.requires_grad for p in b.parameters())]
+    if frozen and frozen[0] is blocks[0]:
+        frozen += [m for m in lm.base_model.children() if isinstance(m, nn.Dropout)]
+    return frozen
+
+
 def generate_kwargs(decode: DecodeConfig, max_new_tokens: int) -> dict:
     """The one place a DecodeConfig becomes arguments of transformers' `generate()`.
 
@@ -126,11 +144,20 @@ class CaptionModel(nn.Module):
                                    config.clip_length, config.num_layers, config.num_heads, config.mlp_ratio,
                                    config.dropout)
         self.lm_learns = apply_freeze(lm, config)
+        self.frozen_lm = frozen_lm_modules(lm, config)  # a list, not submodules: kept in eval mode by train()
         positions = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", 1024)
         # prefix + caption must fit the LM's positions (ClipCap crashed on long captions past 1024)
         self.max_caption_tokens = min(config.max_caption_tokens, positions - config.prefix_length)
         # generate() ends a caption at any of these
         self.stop_ids = [tokenizer.eos_token_id] + self._token_id(config.stop_token)
+
+    def train(self, mode: bool = True) -> "CaptionModel":
+        """nn.Module.train, except that the LM's parts that do not learn stay in eval mode (see
+        frozen_lm_modules)."""
+        super().train(mode)
+        for module in self.frozen_lm:
+            module.eval()
+        return self
 
     # ---- text ---------------------------------------------------------------------------------------
     def _token_id(self, token: str | None) -> list[int]:

@@ -173,7 +173,7 @@ def plot_feature_map(features: np.ndarray, labels: list[str], title: str = "CLIP
 
 def plot_trainable_parameters(captioner, path=None):
     """Parameters of each part of the captioner, in millions, coloured by whether training changes them."""
-    from .captioner import final_norm, transformer_blocks
+    from .model import final_norm, transformer_blocks
 
     def part(module) -> tuple[float, bool]:
         params = list(module.parameters())

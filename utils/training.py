@@ -1,21 +1,28 @@
 """The training loop: cached CLIP features in, a captioner out, resumable at any checkpoint.
 
-One function, `train()`, a reader can hold in their head: AdamW under `get_lr(step)` (linear warm-up,
-then linear or cosine decay), mixed precision (fp16 with loss scaling, bf16 where the GPU has it),
-gradient accumulation and clipping, validation loss and a best checkpoint, per-step history for the
-plots. `accelerate` runs the same code on a CPU, one GPU or several (Kaggle's 2xT4).
+`train()` is one loop a reader can hold in their head, and `train_step()` is one optimiser step of it:
+AdamW under `get_lr(step)` (linear warm-up, then linear or cosine decay), mixed precision (fp16 with
+loss scaling, bf16 where the GPU has it), gradient accumulation and clipping, validation loss and a
+best checkpoint, per-step history for the plots. `accelerate` runs the same code on a CPU, one GPU or
+several (Kaggle's 2xT4).
 
-A checkpoint carries everything a resumed run needs to continue exactly as if never stopped: the
-trainable weights, optimiser and loss-scaler state, RNG states, the position in the data, the configs
-and the history. Batches come from a permutation seeded by (seed, epoch), so the position is two ints.
+Where a run stops (`max_steps`) is apart from where its learning rate ends (the end of `epochs`, or
+`lr_decay_steps`), as nanoGPT keeps `max_iters` apart from `lr_decay_iters`: a run cut into sessions
+with `--max-steps` follows the schedule of the whole run. A checkpoint carries everything a resumed run
+needs to continue exactly as if never stopped: the trainable weights, optimiser and loss-scaler state,
+RNG states, the position in the data, the schedule, the configs and the history. Batches come from a
+permutation seeded by (seed, epoch), so the position is two ints. Ctrl-C (a notebook's "Interrupt
+kernel") and SIGTERM (a platform ending the session) write a checkpoint before the run stops.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,20 +31,36 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .captioner import Captioner, load_language_model
+from .captioner import Captioner
 from .config import ModelConfig, RuntimeConfig, TrainConfig
 from .features import FeatureCache, load_cache
 from .files import atomic_path, write_json
+from .model import load_language_model
+from .paths import models_dir, run_dir
 from .runtime import is_offline, resolve_device, supports_bf16
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the schedule's horizon is recorded; best.pt holds no optimiser state
 # TrainConfig fields a resumed run may change without changing what it computes.
-_FREE_ON_RESUME = {"resume", "max_steps", "out_dir", "checkpoint_every", "log_every", "eval_every", "num_workers",
-                   "watch_images", "collapse_warning", "patience"}
+_FREE_ON_RESUME = {"resume", "max_steps", "out_dir", "checkpoint_every", "checkpoint_minutes", "log_every",
+                   "eval_every", "num_workers", "watch_images", "collapse_warning", "patience"}
+MAX_WARMUP_SHARE = 3  # a warm-up longer than 1/3 of the schedule is shortened to it (and the run says so)
+COLLAPSE_EVALS = 3  # evaluations in a row the captions must stay collapsed before the run warns
+MAX_SKIPPED_STEPS = 25  # fp16: this many non-finite losses in a row stop the run (the scaler halves each time)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C or SIGTERM stopped the run after a checkpoint was written; the message says how to continue."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows this instead of a traceback
+        return [f"TrainingInterrupted: {self}"]
 
 
 @dataclass
@@ -60,24 +83,36 @@ class TrainResult:
     steps: int
 
 
-def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up from 0 to cfg.lr over warmup_steps, then decay to min_lr at total_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+def warmup_for(cfg: TrainConfig, decay_steps: int) -> int:
+    """The warm-up a run uses: cfg.warmup_steps, shortened to a third of the schedule when longer (a
+    5,000-step warm-up in an 830-step run would peak at a sixth of the chosen lr)."""
+    return min(cfg.warmup_steps, max(decay_steps // MAX_WARMUP_SHARE, 1))
+
+
+def get_lr(step: int, cfg: TrainConfig, decay_steps: int) -> float:
+    """Linear warm-up from 0 to cfg.lr over `warmup_for(cfg, decay_steps)` steps, then decay to min_lr at
+    `decay_steps` (the schedule's horizon, not the step a run stops at)."""
+    warmup = warmup_for(cfg, decay_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.decay == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
     if cfg.decay == "linear":
         return cfg.lr - (cfg.lr - cfg.min_lr) * progress
-    if cfg.decay == "cosine":
-        return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-    raise ValueError(f"decay must be 'linear', 'cosine' or 'constant', not {cfg.decay!r}")
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)  # cosine
 
 
 def epoch_steps(n_captions: int, cfg: TrainConfig, processes: int = 1) -> int:
     """Optimiser steps in one pass over the captions: batches are dealt out to the processes, then
     `grad_accum` of them make one step."""
     return max(math.ceil(n_captions / cfg.batch_size) // processes // cfg.grad_accum, 1)
+
+
+def run_steps(n_captions: int, cfg: TrainConfig, processes: int = 1) -> tuple[int, int]:
+    """(the step a run stops at, the step its LR schedule ends at). `max_steps` moves only the first."""
+    full = cfg.epochs * epoch_steps(n_captions, cfg, processes)
+    return min(cfg.max_steps or full, full), cfg.lr_decay_steps or full
 
 
 def make_split(cache: FeatureCache, name: str, captioner: Captioner) -> Split:
@@ -111,11 +146,23 @@ def _precision(cfg: TrainConfig, device: torch.device) -> str:
     return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[cfg.precision]
 
 
+def _device(runtime: RuntimeConfig) -> torch.device:
+    """The device training runs on; `cuda:1` becomes the current CUDA device, which accelerate then uses."""
+    device = resolve_device(runtime.device)
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise TrainingError(f"--device {runtime.device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                f"numbered from 0; choose cuda:0 ... cuda:{max(torch.cuda.device_count() - 1, 0)}.")
+        torch.cuda.set_device(device)
+    return device
+
+
 def build_captioner(model_cfg: ModelConfig, cache: FeatureCache, runtime: RuntimeConfig,
                     models_dir: Path) -> Captioner:
     """A fresh captioner whose CLIP width and backbone come from the feature cache it will read."""
     model_cfg = dataclasses.replace(model_cfg, clip_dim=int(cache.meta["clip_dim"]), backbone=cache.meta["backbone"])
     lm, tokenizer, lm_name = load_language_model(model_cfg.lm, is_offline(runtime.offline), models_dir)
+    torch.manual_seed(runtime.seed)  # after the LM: building a stand-in on first use draws random numbers too
     return Captioner(dataclasses.replace(model_cfg, lm=lm_name), lm, tokenizer)
 
 
@@ -134,45 +181,147 @@ def evaluate_loss(model, captioner: Captioner, features: torch.Tensor, split: Sp
     return total / max(count, 1)
 
 
+def train_step(model, optimizer, accelerator, micro_batches: list[tuple], lr: float, cfg: TrainConfig,
+               step: int = 0) -> tuple[float, float]:
+    """One optimiser step over `grad_accum` micro-batches, each (clip_embed (B, clip_dim), input_ids (B, T),
+    attention_mask (B, T), labels (B, T)); returns (loss, gradient norm before clipping).
+
+    The loss is per token over the whole step: the sum of every caption token's loss over all
+    micro-batches and processes, divided by their number of label tokens (as the HF Trainer's
+    `num_items_in_batch`), so a micro-batch of short captions weighs no more than its tokens. Gradient
+    clipping and the optimiser step follow; in fp16 the loss scaler skips a step whose gradients overflow.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    world = accelerator.num_processes
+    counts = [(labels != -100).sum() for *_, labels in micro_batches]
+    tokens = torch.stack(counts).sum()
+    if world > 1:  # the label tokens of the whole step, over every process
+        tokens = accelerator.reduce(tokens, reduction="sum")
+    loss_sum = torch.zeros((), device=tokens.device)
+    try:
+        for i, ((clip_embed, ids, mask, labels), n) in enumerate(zip(micro_batches, counts)):
+            sync = nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+            with sync:
+                token_loss = model(clip_embed, ids, mask, labels) * n  # summed over this micro-batch's tokens
+                # DDP averages gradients over processes; `* world` makes that the sum over all tokens
+                accelerator.backward(token_loss * world / tokens)
+            loss_sum += token_loss.detach().float()
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"out of GPU memory at batch size {cfg.batch_size}: use a smaller --batch-size "
+                            f"(e.g. {max(cfg.batch_size // 2, 1)}) with --grad-accum {cfg.grad_accum * 2}, which "
+                            "trains the same model in smaller pieces.") from None
+    if world > 1:  # every process logs, and stops on, the loss of the whole step
+        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    loss = float(loss_sum) / max(int(tokens), 1)
+    if not math.isfinite(loss) and accelerator.mixed_precision != "fp16":
+        raise TrainingError(f"the loss became {loss} at step {step}: training diverged, and nothing from this step "
+                            "on was saved (the last checkpoint is intact). Start a new run (another --out-dir) with "
+                            "a lower --lr or a longer --warmup-steps: --resume keeps the settings that diverged.")
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def count_skipped(state: dict, loss: float, precision: str) -> None:
+    """fp16: the loss scaler skips a step whose loss or gradients are not finite, and lowers its scale;
+    a loss that stays non-finite is not an overflow but a run that diverged: stop it."""
+    state["skipped_in_a_row"] = 0 if math.isfinite(loss) else state.get("skipped_in_a_row", 0) + 1
+    if state["skipped_in_a_row"] >= MAX_SKIPPED_STEPS:
+        raise TrainingError(f"the loss was not finite for {MAX_SKIPPED_STEPS} steps in a row (up to step "
+                            f"{state['step']}; {precision} skipped each): training diverged. Start a new run "
+                            "(another --out-dir) with a lower --lr, a longer --warmup-steps, or --precision bf16 "
+                            "or fp32.")
+
+
+@contextmanager
+def stop_signals():
+    """While training: SIGINT (Ctrl-C, "Interrupt kernel") and SIGTERM only set `stop["signal"]`, so the loop
+    ends its step, writes a checkpoint and stops cleanly. A second signal acts at once, as without us."""
+    stop = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield stop
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        stop["signal"] = signum
+        signal.signal(signum, previous[signum])
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: TrainConfig = TrainConfig(),
           runtime: RuntimeConfig = RuntimeConfig(), data_dir: str | Path = "data") -> TrainResult:
-    """Train a captioner on a feature cache; writes checkpoints, history and the best bundle to out_dir."""
+    """Train a captioner on a feature cache; writes checkpoints, history and the best bundle to out_dir.
+
+    Raises TrainingInterrupted (after writing a checkpoint) on Ctrl-C or SIGTERM."""
     from accelerate import Accelerator
 
-    device = resolve_device(runtime.device)
+    device = _device(runtime)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=_precision(cfg, device))
     device = accelerator.device
-    torch.manual_seed(runtime.seed)
-    cache = load_cache(cache_path)
-    out = Path(cfg.out_dir or Path(data_dir) / "runs" / f"{cache.meta['dataset']}-{model_cfg.mapper}")
-    captioner = build_captioner(model_cfg, cache, runtime, Path(data_dir) / "models").to(device)
-    features = torch.tensor(np.asarray(cache.features), dtype=torch.float32, device=device)  # (N, clip_dim)
-    train_split, val_split = make_split(cache, "train", captioner), make_split(cache, "val", captioner)
-    if not len(train_split):
-        raise TrainingError(f"{cache.path} has no training captions: check the dataset's splits.")
     world, rank = accelerator.num_processes, accelerator.process_index
-    steps_per_epoch = epoch_steps(len(train_split), cfg, world)
-    total_steps = min(cfg.max_steps or 10**12, cfg.epochs * steps_per_epoch)
-    optimizer = make_optimizer(captioner, cfg)
-    state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val_loss": None,
-             "history": {"train": [], "val": []}, "window": [0.0, 0, 0.0]}  # loss sum, steps, seconds
-    if cfg.resume and (out / "checkpoint.pt").is_file():
-        state = _load_checkpoint(out / "checkpoint.pt", captioner, optimizer, accelerator, cache, cfg)
-        accelerator.print(f"resuming {out} at step {state['step']} (epoch {state['epoch'] + 1}, "
-              f"step {state['step_in_epoch']} of {steps_per_epoch})")
-    elif (out / "checkpoint.pt").is_file():
+
+    def say(message: str) -> None:
+        if accelerator.is_main_process:
+            tqdm.write(message)
+
+    cache = load_cache(cache_path)
+    out = Path(cfg.out_dir or run_dir(data_dir, cache.meta["dataset"], model_cfg.mapper))
+    checkpoint = out / "checkpoint.pt"
+    if cfg.resume is True and not checkpoint.is_file():
+        raise TrainingError(f"--resume: {out} holds no checkpoint.pt to continue from. Give the --out-dir of the "
+                            "run to continue, or leave out --resume to start a new run there.")
+    if not cfg.resume and checkpoint.is_file():
         raise TrainingError(f"{out} already holds a training run: pass --resume to continue it, or choose "
                             "another --out-dir.")
+    captioner = build_captioner(model_cfg, cache, runtime, models_dir(data_dir)).to(device)
+    features = torch.tensor(np.asarray(cache.features), dtype=torch.float32, device=device)  # (N, clip_dim)
+    train_split, val_split = make_split(cache, "train", captioner), make_split(cache, "val", captioner)
+    need = cfg.batch_size * cfg.grad_accum * world
+    if len(train_split) < need:
+        raise TrainingError(f"{cache.path} has {len(train_split)} training captions, fewer than one optimiser step "
+                            f"takes (--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} x {world} "
+                            "process(es)): use more images, or a smaller --batch-size or --grad-accum.")
+    steps_per_epoch = epoch_steps(len(train_split), cfg, world)
+    total_steps, decay_steps = run_steps(len(train_split), cfg, world)
+    optimizer = make_optimizer(captioner, cfg)
+    state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val_loss": None, "decay_steps": decay_steps,
+             "history": {"train": [], "val": []}, "window": [0.0, 0, 0.0]}  # loss sum, steps, seconds
+    if checkpoint.is_file():
+        state = _load_checkpoint(checkpoint, captioner, optimizer, accelerator, cache, cfg)
+        decay_steps = state["decay_steps"]  # the schedule of the run as it started, whatever --max-steps is now
+        say(f"resuming {out} at step {state['step']} (epoch {state['epoch'] + 1}, step {state['step_in_epoch']} of "
+            f"{steps_per_epoch}) from {checkpoint}; the LR schedule runs to step {decay_steps}")
+    warmup = warmup_for(cfg, decay_steps)
+    if warmup < cfg.warmup_steps:
+        say(f"warm-up shortened: --warmup-steps {cfg.warmup_steps} is more than a third of the {decay_steps} steps "
+            f"the LR schedule spans, so the LR would never reach --lr {cfg.lr:g}; warming up over {warmup} steps "
+            f"instead (give --warmup-steps {warmup} or less to choose it yourself).")
     model, optimizer = accelerator.prepare(captioner, optimizer)
-    accelerator.print(captioner.describe())
-    accelerator.print(f"{len(train_split)} training captions, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-          f"precision {accelerator.mixed_precision}, {world} process(es) on {device}")
+    say(captioner.describe())
+    say(f"{len(train_split)} training captions, {steps_per_epoch} steps/epoch, stopping at step {total_steps} "
+        f"(LR schedule over {decay_steps}), precision {accelerator.mixed_precision}, {world} process(es) on {device}")
 
-    def save(name: str = "checkpoint.pt") -> None:
+    def save(name: str = "checkpoint.pt", quiet: bool = False) -> None:
         if accelerator.is_main_process:
-            _save_checkpoint(out / name, captioner, optimizer, accelerator, state, cfg, cache)
+            path = out / name
+            _save_checkpoint(path, captioner, optimizer, accelerator, state, cfg, cache, resumable=name != "best.pt")
             _save_history(out, state["history"])
+            if not quiet:
+                say(f"{'best' if name == 'best.pt' else 'checkpoint'} at step {state['step']}: {path} "
+                    f"({path.stat().st_size / 2**20:.1f} MB)")
+        saved[0] = time.monotonic()
 
+    saved = [time.monotonic()]
     watch = cache.split("val").drop_duplicates("image_id").head(cfg.watch_images)
 
     def validate() -> None:
@@ -181,79 +330,91 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
         val = evaluate_loss(model, captioner, features, val_split, cfg.batch_size, device)
         state["history"]["val"].append({"step": state["step"], "epoch": state["epoch"] + 1, "val_loss": val})
         if len(watch):
-            _watch_captions(captioner, features, watch, state, cfg, accelerator.print)
+            _watch_captions(captioner, features, watch, state, cfg, warmup, say)
         if state["best_val_loss"] is None or val < state["best_val_loss"]:
             state["best_val_loss"], state["evals_since_best"] = val, 0
             save("best.pt")
         else:
             state["evals_since_best"] = state.get("evals_since_best", 0) + 1
 
+    def stop_requested() -> int:
+        signum = stop["signal"] or 0
+        if world > 1:  # every process stops at the same step
+            signum = int(accelerator.reduce(torch.tensor(signum, device=device), reduction="max"))
+        return signum
+
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="training", mininterval=2,
                disable=not accelerator.is_main_process)
-    while state["step"] < total_steps:
-        order = epoch_order(len(train_split), runtime.seed, state["epoch"])
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][rank::world]
-        while state["step_in_epoch"] < steps_per_epoch and state["step"] < total_steps:
-            start = time.perf_counter()
-            lr = get_lr(state["step"], cfg, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, samples = 0.0, 0
-            for micro in range(cfg.grad_accum):
-                idx = batches[state["step_in_epoch"] * cfg.grad_accum + micro]
-                ids, mask, labels = captioner.pad([train_split.tokens[i] for i in idx.tolist()], device)
-                sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    loss = _step_loss(model, features[train_split.rows[idx].to(device)], ids, mask, labels, cfg)
-                    accelerator.backward(loss / cfg.grad_accum)
-                loss_sum += float(loss.detach()) / cfg.grad_accum
-                samples += len(idx) * world
-            if world > 1:  # every process logs, and stops on, the loss of the whole step
-                loss_sum = float(accelerator.reduce(torch.tensor(loss_sum, device=device), reduction="mean"))
-            _check_finite(loss_sum, state["step"], accelerator)
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["step_in_epoch"] += 1
-            window = state["window"]
-            window[0] += loss_sum
-            window[1] += 1
-            window[2] += time.perf_counter() - start
-            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
-                state["history"]["train"].append({
-                    "step": state["step"], "epoch": state["epoch"] + 1, "loss": window[0] / window[1], "lr": lr,
-                    "grad_norm": grad_norm, "samples_per_s": samples * window[1] / max(window[2], 1e-9)})
-                state["window"] = [0.0, 0, 0.0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", refresh=False)
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                validate()
-            if _patience_ran_out(state, cfg):
-                break
-            if state["step"] % cfg.checkpoint_every == 0:
+    with stop_signals() as stop:
+        while state["step"] < total_steps:
+            order = epoch_order(len(train_split), runtime.seed, state["epoch"])
+            batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][rank::world]
+            while state["step_in_epoch"] < steps_per_epoch and state["step"] < total_steps:
+                start = time.perf_counter()
+                lr = get_lr(state["step"], cfg, decay_steps)
+                micro = []
+                first = state["step_in_epoch"] * cfg.grad_accum
+                for idx in batches[first:first + cfg.grad_accum]:
+                    ids, mask, labels = captioner.pad([train_split.tokens[i] for i in idx.tolist()], device)
+                    micro.append((features[train_split.rows[idx].to(device)], ids, mask, labels))
+                loss, grad_norm = train_step(model, optimizer, accelerator, micro, lr, cfg, state["step"])
+                count_skipped(state, loss, accelerator.mixed_precision)
+                state["step"] += 1
+                state["step_in_epoch"] += 1
+                window = state["window"]
+                window[0] += loss
+                window[1] += 1
+                window[2] += time.perf_counter() - start
+                if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+                    samples = sum(len(m[1]) for m in micro) * world
+                    state["history"]["train"].append({
+                        "step": state["step"], "epoch": state["epoch"] + 1, "loss": window[0] / window[1],
+                        "lr": lr, "grad_norm": grad_norm,
+                        "samples_per_s": samples * window[1] / max(window[2], 1e-9)})
+                    state["window"] = [0.0, 0, 0.0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                if cfg.eval_every and state["step"] % cfg.eval_every == 0:
+                    validate()
+                if _patience_ran_out(state, cfg):
+                    break
+                if signum := stop_requested():
+                    bar.close()
+                    _interrupted(save, out, state, signum)
+                if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or \
+                        (cfg.checkpoint_minutes and time.monotonic() - saved[0] >= 60 * cfg.checkpoint_minutes):
+                    save()
+            if state["step_in_epoch"] >= steps_per_epoch:
+                if not cfg.eval_every:
+                    validate()
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
                 save()
-        if state["step_in_epoch"] >= steps_per_epoch:
-            if not cfg.eval_every:
-                validate()
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            save()
-        if _patience_ran_out(state, cfg):
-            accelerator.print(f"early stop: no better validation loss in {cfg.patience} evaluations "
-                  f"(best {state['best_val_loss']:.4f})")
-            break
-    bar.close()
-    if not state["history"]["val"] or state["history"]["val"][-1]["step"] != state["step"]:
-        validate()
-    save()
+            if _patience_ran_out(state, cfg):
+                say(f"early stop: no better validation loss in {cfg.patience} evaluations "
+                    f"(best {state['best_val_loss']:.4f})")
+                break
+        bar.close()
+        if not state["history"]["val"] or state["history"]["val"][-1]["step"] != state["step"]:
+            validate()
+        save()
     accelerator.wait_for_everyone()
     bundle = out / "captioner"
     if accelerator.is_main_process:
         _export_best(bundle, captioner, state, cache)
+        say(f"captioner bundle (weights only, no optimiser state): {bundle}")
     accelerator.wait_for_everyone()
     return TrainResult(out, bundle, state["history"], state["best_val_loss"], state["step"])
+
+
+def _interrupted(save, out: Path, state: dict, signum: int) -> None:
+    save(quiet=True)
+    path = out / "checkpoint.pt"
+    size = f" ({path.stat().st_size / 2**20:.1f} MB)" if path.is_file() else ""
+    name = signal.Signals(signum).name
+    raise TrainingInterrupted(f"{name} at step {state['step']}: the run is saved in {path}{size}; to continue"
+                              " it, run the same command with --resume (in Python: resume=True).", signum)
 
 
 def _patience_ran_out(state: dict, cfg: TrainConfig) -> bool:
@@ -261,39 +422,28 @@ def _patience_ran_out(state: dict, cfg: TrainConfig) -> bool:
 
 
 def _watch_captions(captioner: Captioner, features: torch.Tensor, watch: pd.DataFrame, state: dict,
-                    cfg: TrainConfig, say=print) -> None:
+                    cfg: TrainConfig, warmup: int, say=print) -> None:
     """Caption the same validation images at every evaluation: the history then shows captions improve,
     and a model that says one caption for every image (ClipCap's users met it only after training) is
-    caught while it trains."""
+    caught while it trains.
+
+    Judged against the run itself, so healthy runs stay silent: captions still forming say the same few
+    things at first. It warns only when, for the last COLLAPSE_EVALS evaluations after the warm-up, the
+    captions' distinct share stayed below `collapse_warning` times that of the images' own reference
+    captions without rising."""
     rows = torch.tensor(watch["feature_row"].to_numpy(), device=features.device)
     captions = captioner.generate(features[rows])
     share = len(set(captions)) / len(captions)
-    state["history"].setdefault("samples", []).append({
-        "step": state["step"], "epoch": state["epoch"] + 1, "image_ids": watch["image_id"].tolist(),
-        "captions": captions, "distinct_share": share})
-    if share < cfg.collapse_warning:
+    reference = watch["caption"].nunique() / len(watch)  # one reference caption per watched image
+    samples = state["history"].setdefault("samples", [])
+    samples.append({"step": state["step"], "epoch": state["epoch"] + 1, "image_ids": watch["image_id"].tolist(),
+                    "captions": captions, "distinct_share": share, "reference_share": reference})
+    recent = [s["distinct_share"] for s in samples if s["step"] > warmup][-COLLAPSE_EVALS:]
+    if len(recent) == COLLAPSE_EVALS and recent[-1] <= recent[0] and max(recent) < cfg.collapse_warning * reference:
         say(f"warning: at step {state['step']} only {len(set(captions))} distinct captions for {len(captions)} "
-              f"different images: the captions are collapsing towards one. If it persists, lower --lr, add "
-              f"--feature-noise, or check that the features differ between images.")
-
-
-def _step_loss(model, clip_embed, ids, mask, labels, cfg: TrainConfig) -> torch.Tensor:
-    try:
-        return model(clip_embed, ids, mask, labels)
-    except torch.OutOfMemoryError:
-        raise TrainingError(f"out of GPU memory at batch size {cfg.batch_size}: use a smaller --batch-size "
-                            f"(e.g. {max(cfg.batch_size // 2, 1)}) with --grad-accum {cfg.grad_accum * 2}, which "
-                            "trains the same model in smaller pieces.") from None
-
-
-def _check_finite(loss: float, step: int, accelerator) -> None:
-    """fp16: the loss scaler skips a step whose gradients overflow, so one bad step is fine. Elsewhere a
-    non-finite loss means the weights are lost: stop before writing them into a checkpoint."""
-    if math.isfinite(loss) or accelerator.mixed_precision == "fp16":
-        return
-    raise TrainingError(f"the loss became {loss} at step {step}: training diverged, and nothing from this step "
-                        "on was saved (the last checkpoint is intact). Start a new run (another --out-dir) with a "
-                        "lower --lr or a longer --warmup-steps: --resume keeps the settings that diverged.")
+            f"different images (their references: {watch['caption'].nunique()}), and no more for "
+            f"{COLLAPSE_EVALS} evaluations: the captions are collapsing towards one. If it persists, lower --lr, "
+            "add --feature-noise, or check that the features differ between images.")
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
@@ -305,18 +455,22 @@ def _config_record(model_cfg: ModelConfig, cfg: TrainConfig, cache: FeatureCache
 
 
 def _save_checkpoint(path: Path, captioner: Captioner, optimizer, accelerator, state: dict, cfg: TrainConfig,
-                     cache: FeatureCache) -> None:
-    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
+                     cache: FeatureCache, resumable: bool = True) -> None:
+    """A checkpoint; `resumable=False` (best.pt) leaves out the optimiser, scaler and RNG states, which are
+    twice the size of the weights and only a resumed run needs."""
     checkpoint = {
         "version": CHECKPOINT_VERSION,
         "config": _config_record(captioner.config, cfg, cache),
         "trainable": captioner.trainable_state(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "state": state,
     }
+    if resumable:
+        checkpoint |= {
+            "optimizer": optimizer.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(checkpoint, f)  # a file object: a full disk then raises OSError, not an opaque RuntimeError
 
@@ -339,7 +493,10 @@ def _load_checkpoint(path: Path, captioner: Captioner, optimizer, accelerator, c
     if diffs:
         raise TrainingError(f"cannot resume {path}: it was made with other settings:\n  " + "\n  ".join(diffs)
                             + "\nResume with the same settings, or start a new run with another --out-dir.")
-    captioner.load_state_dict(checkpoint["trainable"], strict=False)
+    if "optimizer" not in checkpoint:
+        raise TrainingError(f"{path} holds weights only (no optimiser state): it cannot be resumed. Start a new run "
+                            "with another --out-dir.")
+    load_trainable(captioner, checkpoint["trainable"], path)
     optimizer.load_state_dict(checkpoint["optimizer"])
     if accelerator.scaler is not None and checkpoint["scaler"]:
         accelerator.scaler.load_state_dict(checkpoint["scaler"])
@@ -347,6 +504,24 @@ def _load_checkpoint(path: Path, captioner: Captioner, optimizer, accelerator, c
     if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
     return checkpoint["state"]
+
+
+def load_trainable(captioner: Captioner, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Put a checkpoint's trainable tensors into `captioner`: exactly the tensors that learn, no more, no fewer,
+    each of its shape; anything else refuses the checkpoint (the frozen rest comes from the LM's own weights)."""
+    want = set(captioner.trainable_state())
+    missing, unexpected = sorted(want - set(tensors)), sorted(set(tensors) - want)
+    if missing or unexpected:
+        def some(names):
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise TrainingError(f"{path} does not fit this model: " + "; ".join(
+            ([f"it lacks {len(missing)} tensor(s) that learn here ({some(missing)})"] if missing else [])
+            + ([f"it has {len(unexpected)} this model does not train ({some(unexpected)})"] if unexpected else []))
+            + ". It was made with other --freeze or model settings: resume with those, or start a new run.")
+    try:
+        captioner.load_state_dict(tensors, strict=False)  # a subset of the state by design; checked above
+    except RuntimeError as exc:  # a tensor of another shape
+        raise TrainingError(f"{path} does not fit this model: {str(exc).splitlines()[-1].strip()}") from None
 
 
 def _save_history(out: Path, history: dict) -> None:
@@ -360,7 +535,7 @@ def _export_best(bundle: Path, captioner: Captioner, state: dict, cache: Feature
     """The best weights (lowest validation loss, else the last) as a self-contained bundle."""
     best = bundle.parent / "best.pt"
     if best.is_file():
-        captioner.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["trainable"], strict=False)
+        load_trainable(captioner, torch.load(best, map_location="cpu", weights_only=True)["trainable"], best)
     summary = {"steps": state["step"], "epochs": state["epoch"], "best_val_loss": state["best_val_loss"],
                "features": str(cache.path), "dataset": cache.meta.get("dataset"), "standin": cache.meta["standin"]}
     return captioner.save_pretrained(bundle, summary=summary)
