@@ -1,0 +1,75 @@
+"""Training on every GPU a notebook sees: Kaggle's two T4s, from a notebook cell.
+
+`accelerate.notebook_launcher` starts one process per GPU (forked from the notebook's kernel, so the
+function and its settings need no script), each running the same `train()`; processes take every other
+batch and average their gradients, which is what one process does with `grad_accum` twice as large
+(tested on two CPU processes). With one GPU, or none, `train()` runs in the kernel itself.
+
+Rule of the launcher: no CUDA and no `Accelerator` may have been started in the kernel before the
+launch (a forked process cannot inherit them). The course's notebooks train only through this call, so
+running notebook 03 top to bottom keeps the rule; if you trained in the kernel already, restart it first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, RuntimeConfig, TrainConfig
+from .files import read_json
+from .paths import bundle_dir, run_dir
+from .training import TrainingError, TrainResult, train
+
+
+def visible_gpus() -> int:
+    """How many CUDA GPUs this kernel can see (0 on a CPU machine), without starting CUDA in it."""
+    return torch.cuda.device_count()
+
+
+def _train_process(cache_path: str, model_cfg: ModelConfig, cfg: TrainConfig, runtime: RuntimeConfig,
+                   data_dir: str) -> None:
+    """What each launched process runs: the ordinary train(); its Accelerator finds its rank in the environment."""
+    train(cache_path, model_cfg, cfg, runtime, data_dir)
+
+
+def train_everywhere(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: TrainConfig = TrainConfig(),
+                     runtime: RuntimeConfig = RuntimeConfig(), data_dir: str | Path = "data",
+                     processes: int | None = None) -> TrainResult:
+    """Train with one process per visible GPU (`processes` overrides: 2 on a CPU machine trains with two
+    CPU processes); returns what `train()` returns, read back from the run folder the processes wrote."""
+    from accelerate import notebook_launcher
+    from accelerate.state import AcceleratorState
+
+    n = visible_gpus() if processes is None else processes
+    if n <= 1:
+        if processes is None and visible_gpus() == 1:
+            print("one GPU: training in this kernel")
+        return train(cache_path, model_cfg, cfg, runtime, data_dir)
+    if AcceleratorState._shared_state:
+        raise TrainingError("training on several GPUs starts fresh processes, which cannot share this kernel's "
+                            "CUDA: this kernel already trained or used an Accelerator. Restart the kernel "
+                            "(Run -> Restart) and run the notebook from the top.")
+    if runtime.device not in ("auto", "cuda", "cpu"):
+        raise TrainingError(f"--device {runtime.device} names one GPU; training on all {n} takes device 'auto'.")
+    from .features import load_cache
+
+    dataset = load_cache(cache_path).meta["dataset"]
+    out = Path(cfg.out_dir or run_dir(data_dir, dataset, model_cfg.mapper))
+    print(f"training with {n} processes (one per {'GPU' if visible_gpus() >= n else 'CPU process'}); "
+          f"each takes every other batch, gradients averaged")
+    notebook_launcher(_train_process, args=(str(cache_path), model_cfg, cfg, runtime, str(data_dir)),
+                      num_processes=n)
+    return read_result(out)
+
+
+def read_result(out: str | Path) -> TrainResult:
+    """The TrainResult of a finished run, from its folder (history.json and the bundle's summary)."""
+    out = Path(out)
+    bundle = bundle_dir(out)
+    if not (bundle / "config.json").is_file():
+        raise TrainingError(f"{out} holds no finished run (no {bundle.name}/config.json): the launched processes "
+                            "stopped early; their messages are above.")
+    summary = read_json(bundle / "config.json").get("summary", {})
+    history = read_json(out / "history.json") if (out / "history.json").is_file() else {"train": [], "val": []}
+    return TrainResult(out, bundle, history, summary.get("best_val_loss"), int(summary.get("steps", 0)))
