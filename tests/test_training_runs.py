@@ -315,3 +315,19 @@ def test_a_collapsed_run_is_warned_of(small_cache, data_dir, tmp_path):
     warnings = [line for line in proc.stdout.splitlines() if "collapsing towards one" in line]
     assert warnings and warnings[0].startswith("warning: at step 24 only 1 distinct captions for 8"), proc.stdout
     assert "no more for 3 evaluations" in warnings[0]
+
+
+@pytest.mark.fault
+def test_a_deepspeed_zero_checkpoint_is_refused_on_resume_by_name(small_cache, data_dir, tmp_path):
+    """ZeRO shards the optimiser state; our checkpoint holds one process's share: resuming it is refused."""
+    out = tmp_path / "run"
+    run_cli(*_train(small_cache, out, "--max-steps", "6"), data_dir=data_dir)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["state"]["zero_sharded"] is False  # a plain run records that it is not sharded
+    checkpoint["state"]["zero_sharded"] = True  # as a run under accelerate's DeepSpeed plugin records it
+    torch.save(checkpoint, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    proc = run_cli(*_train(small_cache, out, "--resume"), data_dir=data_dir, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"cannot resume {out / 'checkpoint.pt'}" in proc.stderr and "DeepSpeed ZeRO" in proc.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before  # nothing lost

@@ -53,8 +53,9 @@ def load(cls, path: str | Path, device: str | torch.device = "cpu"):
     """A `cls` (CaptionModel or a subclass) from the bundle at `path`, with `.summary` and `.bundle_path`;
     CaptionerError saying what to do when the folder is not a bundle, or a damaged one."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from .model import lm_class
     from .share import resolve_bundle
 
     path = resolve_bundle(path)  # a folder as it is; a .clipcap file, a Hub id or a Kaggle handle fetched first
@@ -67,7 +68,8 @@ def load(cls, path: str | Path, device: str | torch.device = "cpu"):
             raise CaptionerError(f"{path} is a version {meta.get('bundle_version')} bundle; this course reads "
                                  f"version {BUNDLE_VERSION}.")
         config = ModelConfig(**meta["model"])
-        lm = AutoModelForCausalLM.from_pretrained(path / "lm")
+        cls_lm, lm_config = lm_class(path / "lm")  # a causal LM, or an encoder-decoder (T5)
+        lm = cls_lm.from_pretrained(path / "lm", config=lm_config)
         model = cls(config, lm, AutoTokenizer.from_pretrained(path / "lm"))
         model.mapper.load_state_dict(load_file(str(path / "mapper.safetensors")))
     except CaptionerError:

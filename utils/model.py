@@ -25,7 +25,7 @@ from torch import nn
 from .config import DecodeConfig, ModelConfig, decode_config
 from .mapper import build_mapper
 from .runtime import announce_offline
-from .standins import STANDIN_PREFIX, gpt2_dir
+from .standins import STANDIN_PREFIX, gpt2_dir, t5_dir
 
 
 class CaptionerError(ValueError):
@@ -33,32 +33,58 @@ class CaptionerError(ValueError):
     width); the message says what to do."""
 
 
+def _is_t5_name(name: str) -> bool:
+    """T5-family names (t5-small, google/flan-t5-base, bigscience/T0_3B, ...): offline, the stand-in T5."""
+    base = str(name).lower().rsplit("/", 1)[-1]
+    return "t5" in base or base.startswith("t0")
+
+
 def language_model_source(name: str, offline: bool, models_dir: str | Path) -> tuple[str, str]:
     """Where `from_pretrained` reads the LM `name` (hub name or folder) from, and the name checkpoints
-    record; offline, the stand-in GPT-2."""
+    record; offline, the stand-in GPT-2 (the stand-in T5 for a T5-family name)."""
+    standins = {"t5": t5_dir, "gpt2": gpt2_dir}
     if offline and not Path(name).is_dir():
-        announce_offline(f"language model '{name}' replaced by the tiny stand-in GPT-2")
-        return str(gpt2_dir(models_dir)), STANDIN_PREFIX + "gpt2"
+        kind = "t5" if _is_t5_name(name) else "gpt2"
+        announce_offline(f"language model '{name}' replaced by the tiny stand-in {kind.upper()}")
+        return str(standins[kind](models_dir)), STANDIN_PREFIX + kind
     if name.startswith(STANDIN_PREFIX):
-        return str(gpt2_dir(models_dir)), name
+        return str(standins.get(name[len(STANDIN_PREFIX):], gpt2_dir)(models_dir)), name
     return name, name
 
 
+def lm_class(source: str | Path):
+    """The transformers Auto class for the LM at `source`: a causal LM (GPT-2, Llama, ...) or an
+    encoder-decoder (T5, T0), which reads the prefix with its encoder and writes the caption with its decoder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(source)
+    return (AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM), config
+
+
 def load_language_model(name: str, offline: bool, models_dir: str | Path):
-    """`from_pretrained` the LM and its tokenizer by hub name or folder; offline, the stand-in GPT-2.
+    """`from_pretrained` the LM and its tokenizer by hub name or folder; offline, a stand-in.
 
     Returns (lm, tokenizer, name as recorded in checkpoints).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source, recorded = language_model_source(name, offline, models_dir)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    lm = AutoModelForCausalLM.from_pretrained(source)
+    cls, config = lm_class(source)
+    lm = cls.from_pretrained(source, config=config)
     return lm, tokenizer, recorded
 
 
+def is_encoder_decoder(lm: nn.Module) -> bool:
+    return bool(getattr(lm.config, "is_encoder_decoder", False))
+
+
 def transformer_blocks(lm: nn.Module) -> nn.ModuleList:
-    """The LM's stack of blocks (GPT-2's `transformer.h`, Llama's `model.layers`, ...)."""
+    """The LM's stack of blocks (GPT-2's `transformer.h`, Llama's `model.layers`, ...); for an
+    encoder-decoder, the encoder's blocks then the decoder's, so "first" blocks are where the prefix enters
+    and "last" blocks the ones before the LM head."""
+    if is_encoder_decoder(lm):
+        return nn.ModuleList([*lm.get_encoder().block, *lm.get_decoder().block])
     n = lm.config.num_hidden_layers
     for module in lm.base_model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
@@ -68,6 +94,8 @@ def transformer_blocks(lm: nn.Module) -> nn.ModuleList:
 
 def final_norm(lm: nn.Module) -> nn.Module | None:
     """The norm after the last block (GPT-2's ln_f): the freezing policy and the parameter plot treat it apart."""
+    if is_encoder_decoder(lm):
+        return getattr(lm.get_decoder(), "final_layer_norm", None)
     for name in ("ln_f", "norm", "final_layer_norm"):
         module = getattr(lm.base_model, name, None)
         if isinstance(module, nn.Module):
@@ -143,6 +171,7 @@ class CaptionModel(nn.Module):
         self.mapper = build_mapper(config.mapper, config.clip_dim, self.lm_dim, config.prefix_length,
                                    config.clip_length, config.num_layers, config.num_heads, config.mlp_ratio,
                                    config.dropout)
+        self.encoder_decoder = is_encoder_decoder(lm)
         self.lm_learns = apply_freeze(lm, config)
         self.frozen_lm = frozen_lm_modules(lm, config)  # a list, not submodules: kept in eval mode by train()
         positions = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", 1024)
@@ -208,6 +237,10 @@ class CaptionModel(nn.Module):
         """Mean cross-entropy over caption tokens (EOS included), never over prefix or padding."""
         B, P = clip_embed.shape[0], self.config.prefix_length
         prefix = self.prefix(clip_embed)  # (B, P, D)
+        if self.encoder_decoder:  # T5: the encoder reads the prefix, the decoder writes the caption from it
+            dtype = self.lm.get_input_embeddings().weight.dtype
+            return self.lm(inputs_embeds=prefix.to(dtype), attention_mask=attention_mask.new_ones(B, P),
+                           labels=labels).loss  # labels (B, T): shifted right inside, -100 on padding
         tokens = self.lm.get_input_embeddings()(input_ids)  # (B, T, D)
         embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)  # (B, P + T, D)
         mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, P + T)

@@ -391,3 +391,32 @@ def marian_dir(models_dir: str | Path) -> Path:
         write_json(tmp / "standin.json", {"standin": True, "what": "tiny random-init Marian model for offline runs: "
                                           "its output is random words, not a translation", "config": _MARIAN})
     return dest
+
+
+# ---- stand-in T5 (an encoder-decoder language model) ------------------------------------------------
+# T5's own layout at a tiny size, with the stand-in GPT-2's byte-level tokenizer (T5's sentencepiece
+# vocabulary cannot be had offline): EOS doubles as padding and as the decoder's start token, as the
+# real T5 uses its pad token. Random weights: it shows the mechanics of a prefix read by an encoder.
+_T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.1)
+
+
+def t5_dir(models_dir: str | Path) -> Path:
+    """Folder holding the stand-in T5 and its tokenizer in `from_pretrained` layout, built on first use."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from .files import atomic_dir
+
+    dest = Path(models_dir) / "standin-t5"
+    if (dest / "standin.json").is_file():
+        return dest
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir(models_dir))
+    eos = tokenizer.eos_token_id
+    with _private_torch_state():
+        model = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), pad_token_id=eos, eos_token_id=eos,
+                                                    decoder_start_token_id=eos, **_T5))
+    with atomic_dir(dest) as tmp:
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        write_json(tmp / "standin.json", {"standin": True, "what": "tiny random-init T5 for offline runs",
+                                          "config": _T5})
+    return dest

@@ -296,11 +296,17 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
     optimizer = make_optimizer(captioner, cfg)
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val_loss": None, "decay_steps": decay_steps,
              "history": {"train": [], "val": []}, "window": [0.0, 0, 0.0]}  # loss sum, steps, seconds
+    zero = str(accelerator.distributed_type) in ("DEEPSPEED", "DistributedType.DEEPSPEED")
     if checkpoint.is_file():
+        if zero:
+            _refuse_sharded(checkpoint, "this run is a DeepSpeed one")
         state = _load_checkpoint(checkpoint, captioner, optimizer, accelerator, cache, cfg)
+        if state.get("zero_sharded"):
+            _refuse_sharded(checkpoint, "it was written by a DeepSpeed ZeRO run")
         decay_steps = state["decay_steps"]  # the schedule of the run as it started, whatever --max-steps is now
         say(f"resuming {out} at step {state['step']} (epoch {state['epoch'] + 1}, step {state['step_in_epoch']} of "
             f"{steps_per_epoch}) from {checkpoint}; the LR schedule runs to step {decay_steps}")
+    state["zero_sharded"] = zero
     warmup = warmup_for(cfg, decay_steps)
     if warmup < cfg.warmup_steps:
         say(f"warm-up shortened: --warmup-steps {cfg.warmup_steps} is more than a third of the {decay_steps} steps "
@@ -473,6 +479,13 @@ def _save_checkpoint(path: Path, captioner: Captioner, optimizer, accelerator, s
         }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(checkpoint, f)  # a file object: a full disk then raises OSError, not an opaque RuntimeError
+
+
+def _refuse_sharded(path: Path, why: str) -> None:
+    """DeepSpeed ZeRO shards the optimiser state over the processes; our checkpoint holds the first one's."""
+    raise TrainingError(f"cannot resume {path}: {why}, and ZeRO shards the optimiser state across processes, so "
+                        "this checkpoint holds only one process's share of it; a resumed run would not be the same "
+                        "run. Start a new run (another --out-dir), or train without DeepSpeed to be able to resume.")
 
 
 def _load_checkpoint(path: Path, captioner: Captioner, optimizer, accelerator, cache: FeatureCache,
