@@ -7,6 +7,10 @@ module each (see README, "How the code is laid out").
 import warnings
 
 __version__ = "0.1.0"
+# What the notebooks' setup cell checks after `import utils`: a student's own utils.py (or another project's
+# utils/ folder) earlier on the path would hide this package, and every later cell would fail obscurely.
+COURSE = "clipcap-course"
+
 
 # openai-clip 1.0.1 imports pkg_resources, whose deprecation warning would greet students on every
 # import; the pin setuptools<81 keeps it working, so the warning says nothing they can act on.
