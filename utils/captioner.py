@@ -53,11 +53,15 @@ def load_language_model(name: str, offline: bool, models_dir: str | Path):
 
     Returns (lm, tokenizer, name as recorded in checkpoints).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source, recorded = language_model_source(name, offline, models_dir)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    lm = AutoModelForCausalLM.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source)
+    if config.model_type == "gpt2" and getattr(config, "activation_function", None) == "gelu_new":
+        # the same tanh GELU (within ~1e-6 in fp32) as one fused kernel, not a chain of small ops
+        config.activation_function = "gelu_pytorch_tanh"
+    lm = AutoModelForCausalLM.from_pretrained(source, config=config)
     return lm, tokenizer, recorded
 
 
@@ -181,14 +185,25 @@ class Captioner(nn.Module):
 
     def forward(self, clip_embed: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over caption tokens (EOS included), never over prefix or padding."""
+        """Mean cross-entropy over caption tokens (EOS included), never over prefix or padding.
+
+        The LM head (768 x 50k for GPT-2) and the loss run only at the positions that have a label, not
+        over the prefix and the padding: the same loss as `lm(..., labels=...)`, for less work.
+        """
         B, P = clip_embed.shape[0], self.config.prefix_length
         prefix = self.prefix(clip_embed)  # (B, P, D)
         tokens = self.lm.get_input_embeddings()(input_ids)  # (B, T, D)
         embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)  # (B, P + T, D)
         mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, P + T)
-        labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)  # (B, P + T)
-        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        head = self.lm.get_output_embeddings()
+        if head is None or self.lm.config.model_type not in ("gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2"):
+            labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)  # (B, P + T)
+            return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        # LMs whose logits are their head applied to the last hidden state, nothing after it
+        hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        keep = labels != -100  # (B, T): the hidden state at P - 1 + t predicts caption token t
+        logits = head(hidden[:, P - 1:-1][keep])  # (N labelled tokens, vocab)
+        return F.cross_entropy(logits.float(), labels[keep])
 
     @torch.no_grad()
     def generate(self, clip_embed, decode: DecodeConfig | None = None, batch_size: int = 64,

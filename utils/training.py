@@ -94,13 +94,47 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def length_bucketed_batches(lengths, batch_size: int, seed: int, epoch: int,
+                            window: int = 100) -> list[torch.Tensor]:
+    """One epoch's batches, each of captions of similar length, a pure function of (seed, epoch).
+
+    The epoch's shuffle (`epoch_order`) is cut into windows of `window` batches; each window is sorted by
+    caption length (ties stay in shuffled order) and cut into batches, and the batches are then shuffled.
+    Every caption comes once per epoch as before, batches still mix captions from all over the data,
+    and padding to the longest caption of a batch costs little (see `padding_share`).
+    """
+    lengths = torch.as_tensor(lengths)
+    order = epoch_order(len(lengths), seed, epoch)
+    batches = []
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        chunk = order[start:start + span]
+        chunk = chunk[torch.sort(lengths[chunk], stable=True).indices]
+        batches += list(chunk.split(batch_size))
+    shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 7))
+    return [batches[i] for i in shuffle.tolist()]
+
+
+def padding_share(lengths, batches: list[torch.Tensor]) -> float:
+    """Share of the caption positions computed that are padding, when each batch pads to its longest caption."""
+    lengths = torch.as_tensor(lengths)
+    real = padded = 0
+    for batch in batches:
+        n = lengths[batch]
+        real += int(n.sum())
+        padded += int(n.max()) * len(n) if len(n) else 0
+    return 1 - real / max(padded, 1)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norms or the constant prefix)."""
+    """AdamW with weight decay on matrices only (not on biases, norms or the constant prefix); on a GPU the
+    fused kernel (one launch for all tensors, the same update)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.dim() >= 2 and not n.endswith("prefix_const")]
     no_decay = [p for n, p in params if not (p.dim() >= 2 and not n.endswith("prefix_const"))]
+    fused = bool(params) and all(p.is_cuda for _, p in params)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=fused or None)
 
 
 def _precision(cfg: TrainConfig, device: torch.device) -> str:
