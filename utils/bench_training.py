@@ -49,13 +49,19 @@ def ours_step(model, captioner, accelerator, optimizer, clip_embed, token_lists,
     caller does at log steps only. (Point this at `training.train_step` once train() exposes it.)"""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    ids, mask, labels = captioner.pad(token_lists, accelerator.device)
+    ids, mask, labels = (to_device(t, accelerator.device) for t in captioner.pad(token_lists))
     loss = model(clip_embed, ids, mask, labels)
     accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto the GPU without a host sync (a plain `.to(device)` waits for the copy, and so for all
+    the GPU work queued before it): through pinned memory, asynchronously."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
 class _StepClock:
@@ -150,7 +156,7 @@ def bench_training(steps: int = 30, batch_size: int = 40, device: str = "auto", 
         batches = length_bucketed_batches(lengths, bs, seed=0, epoch=0)[:total]
         window = torch.zeros((), device=device)
         for i, idx in enumerate(batches):
-            clip = images[idx.to(device) // CAPTIONS_PER_IMAGE]  # (B, clip_dim)
+            clip = images[to_device(idx // CAPTIONS_PER_IMAGE, device)]  # (B, clip_dim)
             loss, grad_norm = ours_step(model, ours, accelerator, optimizer, clip, [tokens[j] for j in idx.tolist()],
                                         lr[i], cfg.grad_clip)
             window += loss
@@ -188,6 +194,8 @@ def bench_training(steps: int = 30, batch_size: int = 40, device: str = "auto", 
                 clocks[k].mark()
             if device.type == "cuda" and i == total - 1:
                 peaks[k] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            if (i + 1) % 10 == 0 and k == names[-1]:
+                print(f"  {k}: {i + 1} of {total} steps", flush=True)
         return {k: (clocks[k].seconds(contiguous=not interleave), losses[k], peaks.get(k)) for k in names}
 
     rows, lengths0 = [], [len(t) for t in tokens[:sizes[0] * total]]
