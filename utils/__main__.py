@@ -271,8 +271,9 @@ def cmd_bench(args) -> None:
         if name == "features":
             result = bench.bench_features(n_images=args.images, device=device, out_dir=out)
         elif name == "training":
-            result = bench_training(steps=args.steps, device=device, arch=args.arch, models_dir=models_dir,
-                                    out_dir=out, precision=args.precision, compile=args.compile)
+            result = bench_training(steps=args.steps, batch_size=args.batch_size, device=device, arch=args.arch,
+                                    models_dir=models_dir, out_dir=out, precision=args.precision,
+                                    compile=args.compile)
         else:
             result = bench.bench_captioning(images=args.images, device=device, arch=args.arch,
                                             models_dir=models_dir, out_dir=out)
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=("features", "training", "captioning", "all", "gpu"))
     bench.add_argument("--images", type=int, default=32, help="images per measurement (features, captioning)")
     bench.add_argument("--steps", type=int, default=30, help="timed training steps (the median is reported)")
+    bench.add_argument("--batch-size", type=int, default=40, help="training: captions per step")
     bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="training precision (auto: as training chooses; fp16: the T4/P100 path)")
     bench.add_argument("--compile", action="store_true", help="time the training step under torch.compile (GPU)")
