@@ -111,7 +111,8 @@ def clipcap_beam(captioner, clip_embed: torch.Tensor, max_tokens: int, beams: in
             logp = captioner.lm(inputs_embeds=embeds).logits[:, -1].log_softmax(-1)  # (k, V)
             if scores is None:
                 scores, nxt = logp[0].topk(beams)
-                embeds, tokens, lengths = embeds.expand(beams, -1, -1), nxt[:, None], torch.ones(beams, device=logp.device)
+                embeds, tokens = embeds.expand(beams, -1, -1), nxt[:, None]
+                lengths = torch.ones(beams, device=logp.device)
                 stopped = nxt == eos
             else:
                 logp[stopped] = -float("inf")

@@ -134,7 +134,7 @@ def bench_training(steps: int = 30, batch_size: int = 40, device: str = "auto", 
     cfg = TrainConfig(batch_size=sizes[0], **BENCH_SCHEDULE)
     total = warmup + steps
     eos, dim = ours.tokenizer.eos_token_id, ours.config.clip_dim
-    n_eval = 2 * sizes[0]
+    n_eval = sizes[0]
     tokens = bench_captions(max(sizes) * total + n_eval, ours.lm.config.vocab_size, eos)
     held_tokens, tokens = tokens[:n_eval], tokens[n_eval:]
     images = torch.randn(len(tokens) // CAPTIONS_PER_IMAGE + 1, dim, generator=torch.Generator().manual_seed(2))
