@@ -51,9 +51,9 @@ fi
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible'" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 run 150                      # features, training (auto precision), captioning
-run 75 --precision fp16      # the T4/P100 code path: fp16 with loss scaling
+run 60 --precision fp16      # the T4/P100 code path: fp16 with loss scaling
 run 60 --precision fp32      # no tensor cores (fp32, TF32 off: torch's default): the P100-speed stand-in
-run 75 --compile             # torch.compile's step, opt-in
+run 90 --compile             # torch.compile's step, opt-in
 ls -l "$OUT"
 if [[ -n "${BENCH_TAR:-}" ]]; then tar czf "$BENCH_TAR" -C "$OUT" . && echo "packed into $BENCH_TAR"; fi
 exit $status
