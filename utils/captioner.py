@@ -187,7 +187,7 @@ class Captioner(nn.Module):
                 labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over caption tokens (EOS included), never over prefix or padding.
 
-        The LM head (768 x 50k for GPT-2) and the loss skip the prefix positions (a third of the work at
+        The LM head (768 x 50k for GPT-2) and the loss skip the prefix positions (a third of their work at
         Flickr30k's caption lengths): the same loss as `lm(..., labels=...)`. Padding positions stay in,
         ignored by the loss (selecting the labelled ones would cost a host sync per step on a GPU);
         length-bucketed batches keep them few.
