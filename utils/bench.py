@@ -300,6 +300,8 @@ def bench_gpu(quick: bool = False, device: str = "auto", precision: str = "auto"
         raise ValueError(f"`bench gpu` measures a GPU, and {device} is none: add --quick for its small CPU run.")
     plan, where = GPU_PLAN["quick" if quick else "full"], str(device)
     suffix = ("" if precision == "auto" else f"-{precision}") + ("-compiled" if compile else "")
+    if suffix:  # features and captioning do not depend on the training precision
+        parts = ("training",)
     done, seconds = {}, {}
     for part in parts:
         start = time.perf_counter()
