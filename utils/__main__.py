@@ -251,17 +251,22 @@ def cmd_import_clipcap(args) -> None:
 def cmd_bench(args) -> None:
     """Each benchmark measures ours and the ClipCap way in the same run and writes a results table."""
     from . import bench
+    from .bench_training import bench_training
     from .paths import models_dir as default_models_dir
 
     device, out = args.device or "auto", Path(args.out)
     models_dir = default_models_dir()
+    if args.what == "gpu":
+        bench.bench_gpu(args.quick, device, args.precision, args.compile, models_dir=models_dir, out_dir=out)
+        return
     which = ("features", "training", "captioning") if args.what == "all" else (args.what,)
     for name in which:
         if name == "features":
             result = bench.bench_features(n_images=args.images, device=device, out_dir=out)
         elif name == "training":
-            result = bench.bench_training(steps=args.steps, device=device, arch=args.arch, models_dir=models_dir,
-                                          out_dir=out)
+            result = bench_training(steps=args.steps, batch_size=args.batch_size, device=device, arch=args.arch,
+                                    models_dir=models_dir, out_dir=out, precision=args.precision,
+                                    compile=args.compile)
         else:
             result = bench.bench_captioning(images=args.images, device=device, arch=args.arch,
                                             models_dir=models_dir, out_dir=out)
@@ -365,9 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where: the Hub (needs `huggingface-cli login`) or Kaggle Models (KAGGLE_API_TOKEN)")
     publish.add_argument("--private", action="store_true", help="hub: a private repository")
     bench = command("bench", cmd_bench, "measure features / training / captioning against the ClipCap way")
-    bench.add_argument("what", nargs="?", default="features", choices=("features", "training", "captioning", "all"))
+    bench.add_argument("what", nargs="?", default="features",
+                       choices=("features", "training", "captioning", "all", "gpu"))
     bench.add_argument("--images", type=int, default=32, help="images per measurement (features, captioning)")
-    bench.add_argument("--steps", type=int, default=3, help="timed training steps")
+    bench.add_argument("--steps", type=int, default=30, help="timed training steps (the median is reported)")
+    bench.add_argument("--batch-size", type=int, default=40, help="training: captions per step")
+    bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                       help="training precision (auto: as training chooses; fp16: the T4/P100 path)")
+    bench.add_argument("--compile", action="store_true", help="time the training step under torch.compile (GPU)")
+    bench.add_argument("--quick", action="store_true", help="gpu: the small version, on the CPU, in seconds")
     bench.add_argument("--arch", default="real", choices=("real", "tiny"),
                        help="real: CLIP ViT-B/32 and GPT-2 124M shapes; tiny: the stand-in sizes (quick checks)")
     bench.add_argument("--out", default="bench/results", help="folder for the results table")

@@ -28,6 +28,11 @@ from .runtime import announce_offline
 from .standins import STANDIN_PREFIX, gpt2_dir, t5_dir
 
 
+# LMs whose logits are their head applied to the last hidden state, nothing after it: forward() runs the head
+# on the caption positions only
+LEAN_HEAD_MODELS = ("gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2")
+
+
 class CaptionerError(ValueError):
     """A bundle that cannot be loaded, or inputs this captioner cannot take (CLIP embeddings of another
     width); the message says what to do."""
@@ -71,6 +76,9 @@ def load_language_model(name: str, offline: bool, models_dir: str | Path):
     source, recorded = language_model_source(name, offline, models_dir)
     tokenizer = AutoTokenizer.from_pretrained(source)
     cls, config = lm_class(source)
+    if config.model_type == "gpt2" and getattr(config, "activation_function", None) == "gelu_new":
+        # the same tanh GELU (within ~1e-6 in fp32) as one fused kernel, not a chain of small ops
+        config.activation_function = "gelu_pytorch_tanh"
     lm = cls.from_pretrained(source, config=config)
     return lm, tokenizer, recorded
 
@@ -234,7 +242,13 @@ class CaptionModel(nn.Module):
 
     def forward(self, clip_embed: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over caption tokens (EOS included), never over prefix or padding."""
+        """Mean cross-entropy over caption tokens (EOS included), never over prefix or padding.
+
+        The LM head (768 x 50k for GPT-2) and the loss skip the prefix positions (a third of their work at
+        Flickr30k's caption lengths): the same loss as `lm(..., labels=...)`. Padding positions stay in,
+        ignored by the loss (selecting the labelled ones would cost a host sync per step on a GPU);
+        length-bucketed batches keep them few.
+        """
         B, P = clip_embed.shape[0], self.config.prefix_length
         prefix = self.prefix(clip_embed)  # (B, P, D)
         if self.encoder_decoder:  # T5: the encoder reads the prefix, the decoder writes the caption from it
@@ -244,8 +258,13 @@ class CaptionModel(nn.Module):
         tokens = self.lm.get_input_embeddings()(input_ids)  # (B, T, D)
         embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)  # (B, P + T, D)
         mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, P + T)
-        labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)  # (B, P + T)
-        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        head = self.lm.get_output_embeddings()
+        if head is None or self.lm.config.model_type not in LEAN_HEAD_MODELS:
+            labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)  # (B, P + T)
+            return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = head(hidden[:, P - 1:-1])  # (B, T, vocab): the hidden state at P - 1 + t predicts caption token t
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()
     def generate(self, clip_embed, decode: DecodeConfig | None = None, batch_size: int = 64,

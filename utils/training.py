@@ -129,13 +129,47 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def length_bucketed_batches(lengths, batch_size: int, seed: int, epoch: int,
+                            window: int = 100) -> list[torch.Tensor]:
+    """One epoch's batches, each of captions of similar length, a pure function of (seed, epoch).
+
+    The epoch's shuffle (`epoch_order`) is cut into windows of `window` batches; each window is sorted by
+    caption length (ties stay in shuffled order) and cut into batches, and the batches are then shuffled.
+    Every caption comes once per epoch as before, batches still mix captions from all over the data,
+    and padding to the longest caption of a batch costs little (see `padding_share`).
+    """
+    lengths = torch.as_tensor(lengths)
+    order = epoch_order(len(lengths), seed, epoch)
+    batches = []
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        chunk = order[start:start + span]
+        chunk = chunk[torch.sort(lengths[chunk], stable=True).indices]
+        batches += list(chunk.split(batch_size))
+    shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 7))
+    return [batches[i] for i in shuffle.tolist()]
+
+
+def padding_share(lengths, batches: list[torch.Tensor]) -> float:
+    """Share of the caption positions computed that are padding, when each batch pads to its longest caption."""
+    lengths = torch.as_tensor(lengths)
+    real = padded = 0
+    for batch in batches:
+        n = lengths[batch]
+        real += int(n.sum())
+        padded += int(n.max()) * len(n) if len(n) else 0
+    return 1 - real / max(padded, 1)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norms or the constant prefix)."""
+    """AdamW with weight decay on matrices only (not on biases, norms or the constant prefix), as torch's fused
+    kernel where it has one (CUDA; CPU too): one pass over each tensor instead of a dozen, the same update."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.dim() >= 2 and not n.endswith("prefix_const")]
     no_decay = [p for n, p in params if not (p.dim() >= 2 and not n.endswith("prefix_const"))]
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") for _, p in params)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=fused or None)
 
 
 def _precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -349,13 +383,17 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
             signum = int(accelerator.reduce(torch.tensor(signum, device=device), reduction="max"))
         return signum
 
+    lengths = [len(t) for t in train_split.tokens]
+    say(f"batches bucketed by caption length: {padding_share(lengths, length_bucketed_batches(lengths, cfg.batch_size, runtime.seed, 0)):.0%} "
+        f"of the caption positions computed are padding (shuffled batches: "
+        f"{padding_share(lengths, list(epoch_order(len(lengths), runtime.seed, 0).split(cfg.batch_size))):.0%})")
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="training", mininterval=2,
                disable=not accelerator.is_main_process)
     with stop_signals() as stop:
         while state["step"] < total_steps:
-            order = epoch_order(len(train_split), runtime.seed, state["epoch"])
-            batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][rank::world]
+            # batches of captions of similar length (little padding), a pure function of (seed, epoch)
+            batches = length_bucketed_batches(lengths, cfg.batch_size, runtime.seed, state["epoch"])[rank::world]
             while state["step_in_epoch"] < steps_per_epoch and state["step"] < total_steps:
                 start = time.perf_counter()
                 lr = get_lr(state["step"], cfg, decay_steps)
