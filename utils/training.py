@@ -384,9 +384,10 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
         return signum
 
     lengths = [len(t) for t in train_split.tokens]
-    say(f"batches bucketed by caption length: {padding_share(lengths, length_bucketed_batches(lengths, cfg.batch_size, runtime.seed, 0)):.0%} "
-        f"of the caption positions computed are padding (shuffled batches: "
-        f"{padding_share(lengths, list(epoch_order(len(lengths), runtime.seed, 0).split(cfg.batch_size))):.0%})")
+    bucketed = padding_share(lengths, length_bucketed_batches(lengths, cfg.batch_size, runtime.seed, 0))
+    shuffled = padding_share(lengths, list(epoch_order(len(lengths), runtime.seed, 0).split(cfg.batch_size)))
+    say(f"batches bucketed by caption length: {bucketed:.0%} of the caption positions computed are padding "
+        f"(shuffled batches: {shuffled:.0%})")
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="training", mininterval=2,
                disable=not accelerator.is_main_process)
