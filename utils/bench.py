@@ -20,7 +20,7 @@ from PIL import Image
 
 from .bench_clipcap import clipcap_beam, clipcap_encode_per_caption, clipcap_greedy
 from .files import write_json, write_text
-from .runtime import resolve_device, supports_bf16
+from .runtime import mixed_precision, resolve_device
 
 # CLIP ViT-B/32: embed 512, 224 px, 12 x 768 vision, patch 32, 77 tokens, 12 x 512 text.
 VIT_B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
@@ -34,12 +34,9 @@ CAPTIONS_PER_IMAGE = 5  # Flickr30k and COCO: ClipCap's feature pass encodes eac
 
 
 def training_precision(device: torch.device, precision: str = "auto") -> str:
-    """accelerate's mixed_precision as train() chooses it: fp32 on a CPU; bf16 only where the GPU computes it
-    natively (compute capability 8.0 and up: `runtime.supports_bf16`), fp16 with loss scaling otherwise.
+    """accelerate's mixed_precision as train() chooses it (`runtime.mixed_precision`, the one rule).
     `torch.cuda.is_bf16_supported()` alone says True on a T4 or P100, through emulation: never used here."""
-    if precision == "auto":
-        return "no" if device.type != "cuda" else ("bf16" if supports_bf16(device) else "fp16")
-    return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[precision]
+    return mixed_precision(precision, device)
 
 
 def compile_supported(device: torch.device) -> bool:

@@ -112,6 +112,17 @@ def supports_bf16(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def mixed_precision(choice: str, device) -> str:
+    """The one precision rule, as accelerate names it, for training and for the bench that times training:
+    fp32 ("no") on a CPU; on a GPU bf16 only where it computes it natively (supports_bf16), fp16 with loss
+    scaling otherwise (T4, P100). ValueError for bf16 asked of a GPU without it."""
+    if choice == "auto":
+        return "no" if device.type != "cuda" else ("bf16" if supports_bf16(device) else "fp16")
+    if choice == "bf16" and not supports_bf16(device):
+        raise ValueError(f"--precision bf16: this device ({device}) has no bf16; use fp16 (P100, T4) or auto")
+    return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[choice]
+
+
 def environment_report(device: str = "auto") -> dict:
     """The versions and the device that matter when asking for help (the first cell prints these)."""
     import torch

@@ -39,7 +39,7 @@ from .model import load_language_model
 from .paths import models_dir, run_dir
 from .schedule import (MAX_WARMUP_SHARE, epoch_order, epoch_steps, get_lr,  # noqa: F401
                        length_bucketed_batches, padding_share, run_steps, warmup_for)
-from .runtime import is_offline, resolve_device, supports_bf16
+from .runtime import is_offline, mixed_precision, resolve_device
 
 CHECKPOINT_VERSION = 2  # 2: the schedule's horizon is recorded; best.pt holds no optimiser state
 # TrainConfig fields a resumed run may change without changing what it computes.
@@ -105,11 +105,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def _precision(cfg: TrainConfig, device: torch.device) -> str:
-    if cfg.precision == "auto":
-        return "no" if device.type != "cuda" else ("bf16" if supports_bf16(device) else "fp16")
-    if cfg.precision == "bf16" and not supports_bf16(device):
-        raise TrainingError(f"--precision bf16: this device ({device}) has no bf16; use fp16 (P100, T4) or auto")
-    return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[cfg.precision]
+    try:
+        return mixed_precision(cfg.precision, device)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def _device(runtime: RuntimeConfig) -> torch.device:
