@@ -42,9 +42,9 @@ def language_model_source(name: str, offline: bool, models_dir: str | Path) -> t
     record; offline, the stand-in GPT-2."""
     if offline and not Path(name).is_dir():
         announce_offline(f"language model '{name}' replaced by the tiny stand-in GPT-2")
-        return str(gpt2_dir(models_dir)), STANDIN_PREFIX + "gpt2"
+        return str(gpt2_dir()), STANDIN_PREFIX + "gpt2"
     if name.startswith(STANDIN_PREFIX):
-        return str(gpt2_dir(models_dir)), name
+        return str(gpt2_dir()), name
     return name, name
 
 
