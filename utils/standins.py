@@ -77,7 +77,7 @@ _CLIP_FIT = dict(images=3000, seed=12345, steps=600, batch=64, lr=1e-3, warmup=2
 # GPT-2's 12 blocks at width 64. No dropout: it would only slow the short fit and the course's training.
 _GPT2 = dict(n_positions=256, n_embd=64, n_layer=12, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 # How it is pre-fitted (see `_fit_gpt2`): next-token loss on pairs of captions of the private drawings.
-_GPT2_FIT = dict(steps=400, batch=32, lr=6e-3, warmup=20, weight_decay=0.01, seed=12345)
+_GPT2_FIT = dict(steps=300, batch=32, lr=6e-3, warmup=20, weight_decay=0.01, seed=12345)
 STANDINS_ENV = "CLIPCAP_STANDINS"  # where the stand-ins are built, once per machine (see standins_home)
 _STANDINS_VERSION = 2  # bump when a stand-in's recipe changes: the machine's old copies are then not used
 _TOKENIZER_VOCAB = 600
@@ -364,7 +364,7 @@ def gpt2_dir(models_dir: str | Path | None = None) -> Path:
     dest = folder / "standin-gpt2"
     if (dest / "standin.json").is_file():
         return dest
-    start = _announce("stand-in GPT-2", folder, "40 s")
+    start = _announce("stand-in GPT-2", folder, "a minute")
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = _train_tokenizer(tmp)
