@@ -159,3 +159,23 @@ def test_the_teaching_figures_are_drawn(tmp_path, prefitted):
     plot_runs({"a": history, "b": history}, path=tmp_path / "runs.png")
     for name in ("map", "model", "model-mlp", "next", "runs"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def test_closing_report_reads_a_feature_cache_as_the_main_job_has_it(small_cache):
+    """What the main job calls after evaluate_split: calibration rows on the cache's own test images, facts
+    right on the embedded set, no paper columns there, and a what-next line."""
+    from utils.calibration import closing_report
+    from utils.evaluation import references_by_image, score_captions
+    from utils.features import load_cache
+
+    cache = load_cache(small_cache)
+    references = references_by_image(cache.split("test"))
+    predictions = {i: refs[-1] for i, refs in references.items()}  # a captioner that copies a reference
+    scores, per_image = score_captions(predictions, references, ("BLEU", "CIDEr"), per_image=True)
+    per_image.insert(1, "image_path", cache.images.set_index("image_id").loc[list(references), "image_path"].to_list())
+    per_image.insert(3, "references", list(references.values()))
+    table, next_line = closing_report(None, cache, scores, per_image, clip_score=False, metrics=("BLEU", "CIDEr"))
+    assert table.columns.tolist() == ["ours", *CALIBRATION_ROWS]
+    assert table.at["facts_right", "ours"] == 100.0 and table.at["facts_right", "reference"] == 100.0
+    assert table.at["CIDEr", "shuffled"] < table.at["CIDEr", "reference"]
+    assert next_line.startswith("what next: on facts_right") and "stand-in" in next_line

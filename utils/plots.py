@@ -267,10 +267,10 @@ def plot_temperature_summary(summary: pd.DataFrame, path=None):
     if facts:
         ax = axes[0]
         ax.plot(sample["temperature"], sample["facts_right"], "o-", color="tab:green", label="sampled (top-p 1)")
-        for row in cut.itertuples():
+        for k, row in enumerate(cut.sort_values("facts_right").itertuples()):
             ax.plot(row.temperature, row.facts_right, "D", color="tab:blue", ms=7)
-            ax.annotate(f"top-p {row.top_p:g}", (row.temperature, row.facts_right), textcoords="offset points",
-                        xytext=(6, 4), fontsize=8, color="tab:blue")
+            ax.annotate(f"top-p {row.top_p:g}: {row.facts_right:.2f}", (row.temperature, row.facts_right),
+                        textcoords="offset points", xytext=(8, -12 + 14 * k), fontsize=8, color="tab:blue")
         for method, style in (("greedy", "--"), ("beam", ":")):
             if method in fixed.index:
                 ax.axhline(float(fixed.loc[method, "facts_right"]), color="tab:gray", ls=style, lw=1, label=method)
