@@ -17,7 +17,7 @@ ViT (16x16 patches, width 64) and a 1-layer text transformer (width 64) with 64-
 for 600 steps (batches of 64) of CLIP's own symmetric contrastive (InfoNCE) loss on a private
 synthetic set of 3000 `utils.datasets.make_embedded` drawings generated with seed 12345, which the
 course never uses, so the course's own images are never seen. It takes about half a minute on two CPU
-cores, once per data folder. It learns the attributes of those drawings and the words that name them:
+cores, once per machine (see below). It learns the attributes of those drawings and the words that name them:
 colour, position and background almost perfectly, size well, shape only partly (see
 tests/test_standins.py for the numbers checked). That is what the course needs -- a captioner trained
 on its embeddings can learn where and how big the shape is, which random weights do not carry -- and
