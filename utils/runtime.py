@@ -73,8 +73,8 @@ def announce_offline(what: str) -> None:
         return
     announce_offline.said = True
     bar = "!" * 78
-    print(f"{bar}\n!! OFFLINE MODE: {what}\n!! Stand-in models are tiny (CLIP fitted briefly to synthetic drawings,"
-          f" GPT-2\n!! random): their captions and scores teach the mechanics only. With network,\n"
+    print(f"{bar}\n!! OFFLINE MODE: {what}\n!! Stand-in models are tiny (CLIP and GPT-2 fitted briefly to synthetic"
+          f" drawings\n!! and their captions): they teach the mechanics, not photos. With network,\n"
           f"!! run without --offline.\n{bar}",
           file=sys.stderr, flush=True)
 
