@@ -2,6 +2,7 @@
 # One entry point for a fresh Linux machine with Python 3.10+:
 #   bash course.sh main [flags]   run the whole course pipeline (offline: embedded set + stand-in models)
 #   bash course.sh test [pytest args]   run the test suite
+#   bash course.sh lab [jupyter lab args]   open the notebooks in JupyterLab, with this .venv as their kernel
 # Both create (or reuse) .venv and install the pinned requirements into it first.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -41,5 +42,14 @@ shift || true
 case "$cmd" in
   main) exec "$VENV/bin/python" -m utils course "$@" ;;
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
-  *) echo "usage: bash course.sh main|test [args]" >&2; exit 2 ;;
+  lab)
+    # The hook that refuses a notebook committed with its outputs (see .githooks/pre-commit); only in a git
+    # checkout, and only where no other hooks folder is set.
+    if git rev-parse --is-inside-work-tree >/dev/null 2>&1 && [ -z "$(git config --get core.hooksPath || true)" ]; then
+      git config core.hooksPath .githooks && echo "installed the pre-commit hook that keeps notebooks' outputs out of git"
+    fi
+    # The kernel "python3" of every notebook is this .venv's own python: the server runs from it.
+    root=(); [ "$(id -u)" = 0 ] && root=(--allow-root)  # a container's root user: Jupyter refuses it otherwise
+    exec "$VENV/bin/python" -m jupyter lab --notebook-dir=notebooks "${root[@]}" "$@" ;;
+  *) echo "usage: bash course.sh main|test|lab [args]" >&2; exit 2 ;;
 esac

@@ -18,9 +18,19 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-@pytest.fixture(scope="session")
-def models_dir(data_dir) -> Path:
-    return data_dir / "models"
+@pytest.fixture(scope="session", autouse=True)
+def models_dir(tmp_path_factory) -> Path:
+    """The stand-in models' per-machine folder (utils.standins.standins_home), pointed at a temporary folder
+    for the session through CLIPCAP_STANDINS, so tests never read or fill the user's cache (unless
+    CLIPCAP_TEST_STANDINS names a folder to keep them in between sessions); subprocesses and
+    notebook kernels inherit it. The stand-ins are built there once, by the first test that needs them."""
+    from utils.standins import STANDINS_ENV, standins_home
+
+    mp = pytest.MonkeyPatch()
+    # CLIPCAP_TEST_STANDINS: a folder kept between sessions (a CI cache, a developer's machine) instead
+    mp.setenv(STANDINS_ENV, os.environ.get("CLIPCAP_TEST_STANDINS") or str(tmp_path_factory.mktemp("standins")))
+    yield standins_home()
+    mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -319,7 +319,7 @@ def test_evaluate_split_scores_against_all_references_and_counts_unreadable_imag
 def test_temperature_table_compares_methods_and_temperatures(untrained, trained, cache):
     x = _embeds(4)
     table = temperature_table(untrained, x, temperatures=(1e-4, 1.5), samples=3)
-    assert table.columns.tolist() == ["image", "method", "temperature", "sample", "caption"]
+    assert table.columns.tolist() == ["image", "method", "temperature", "top_p", "sample", "caption"]
     assert len(table) == 4 * (2 + 2 * 3)
     assert table.equals(temperature_table(untrained, x, temperatures=(1e-4, 1.5), samples=3))
     greedy = table[table["method"] == "greedy"]["caption"].tolist()

@@ -53,7 +53,7 @@ def test_feature_rows_match_encoding_each_image_alone(data_dir, tmp_path):
 
     data = _embedded(data_dir, max_images=10)
     cache = load_cache(_cache(data, tmp_path / "c", batch_size=4, chunk_size=6))
-    model, preprocess = clip.load(str(clip_archive("ViT-B/32", data_dir / "models")), device="cpu", jit=False)
+    model, preprocess = clip.load(str(clip_archive("ViT-B/32")), device="cpu", jit=False)
     for row in cache.images.itertuples():
         with torch.no_grad():
             alone = model.encode_image(preprocess(Image.open(row.image_path)).unsqueeze(0))[0].numpy()

@@ -13,13 +13,14 @@ from conftest import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # Small sizes: the whole course runs in a few minutes on 2 CPU cores.
-PARAMETERS = dict(offline=True, embedded_images=240, max_steps=40, table_images=4, explorer_images=4)
+PARAMETERS = dict(offline=True, embedded_images=240, max_steps=40, table_images=8, explorer_images=4, compare_steps=15)
 FIGURES = {
-    "01_setup_and_data": ["01_samples.png"],
+    "01_setup_and_data": ["01_model.png", "01_samples.png"],
     "02_clip_features": ["02_feature_map.png"],
-    "03_train_the_mapper": ["03_trainable_parameters.png", "03_lr_schedule.png", "03_training_curves.png"],
-    "04_caption_and_evaluate": ["04_test_captions.png"],
-    "05_decoding_explorer": ["05_temperatures.png"],
+    "03_train_the_mapper": ["03_model.png", "03_trainable_parameters.png", "03_lr_schedule.png",
+                            "03_training_curves.png", "03_compare.png"],
+    "04_caption_and_evaluate": ["04_test_captions.png", "04_prefix_attention.png"],
+    "05_decoding_explorer": ["05_next_token.png", "05_temperatures.png"],
 }
 
 
@@ -50,7 +51,7 @@ def test_first_cell_is_the_same_everywhere_and_second_is_the_parameters():
     first = {path.name: _source(_code_cells(_read(path))[0]) for path in NOTEBOOKS}
     assert len(set(first.values())) == 1, f"the first code cell differs between notebooks: {sorted(first)}"
     setup = next(iter(first.values()))
-    assert "utils.runtime.notebook_setup()" in setup and "@v0" in setup, "one pinned install line, one setup call"
+    assert "utils.runtime.notebook_setup(drive=False)" in setup and "@v0" in setup, "one pinned install line, one setup call"
     for path in NOTEBOOKS:
         second = _code_cells(_read(path))[1]
         assert "parameters" in second.get("metadata", {}).get("tags", []), f"{path.name}: cell 2 is not tagged"
@@ -150,14 +151,45 @@ def test_each_notebook_reads_what_the_previous_one_wrote(course_run):
 def test_the_tables_are_shown(course_run):
     _, executed, _, _ = course_run
     scores = _outputs(executed["04_caption_and_evaluate"], "text/html")
-    assert "ClipCap paper: Transformer, frozen GPT-2" in scores and "CIDEr" in scores and "BLEU-4" in scores
+    for column in ("ours", "reference", "shuffled", "most frequent"):
+        assert f"<th>{column}</th>" in scores, f"04's table lacks its calibration column {column!r}"
+    assert "CIDEr" in scores and "BLEU-4" in scores and "facts_right" in scores
+    assert "ClipCap paper" not in scores, "the paper's columns belong beside the Karpathy COCO split only"
     assert "share of captions that state it right" in scores
+    assert "of the way from the floor to the ceiling" in _outputs(executed["04_caption_and_evaluate"], "stdout")
     temperatures = _outputs(executed["05_decoding_explorer"], "text/html")
-    assert "distinct_share" in temperatures and "same_as_greedy" in temperatures
-    assert "sample, temperature 0.7" in temperatures
+    assert "facts_right" in temperatures and "same_as_greedy" in temperatures
+    assert "sample, temperature 0.7" in temperatures and "top-p 0.5" in temperatures
     widget = _outputs(executed["05_decoding_explorer"], "application/vnd.jupyter.widget-view+json")
     assert widget, "05 displays the explorer"
     assert "40 optimiser steps" in _outputs(executed["03_train_the_mapper"], "stdout")
+
+
+@pytest.mark.slow
+def test_the_lessons_show_at_the_defaults(course_run):
+    """What the prose of each notebook says, as its own run measured it: 02 reads the attributes CLIP carries,
+    05's facts right falls with temperature and top-p raises it at the high one, 03's frozen, partial and
+    full runs differ, and the look-inside cells equal the package (their asserts ran)."""
+    tmp, executed, _, _ = course_run
+    stdout = _outputs(executed["02_clip_features"], "stdout")
+    assert "nearest neighbour has the same     colour" in stdout and "best carried:" in stdout
+    import pandas as pd
+
+    run = tmp / "data" / "runs" / "embedded-transformer"
+    summary = pd.read_csv(run / "temperatures.csv")
+    sample = summary[summary["method"] == "sample"].set_index(["temperature", "top_p"])["facts_right"]
+    print(sample.to_string())
+    assert sample[(0.1, 1.0)] > sample[(1.5, 1.0)] > sample[(2.0, 1.0)], "facts right falls with temperature"
+    assert sample[(1.5, 0.5)] > sample[(1.5, 1.0)], "top-p raises facts right at a high temperature"
+    compared = pd.read_csv(tmp / "data" / "runs" / "embedded-transformer-compare.csv").set_index("variant")
+    print(compared.to_string())
+    learns = compared["learns"]
+    assert learns["transformer, frozen GPT-2"] < learns["transformer, partial"] < learns["transformer, full"]
+    losses = compared.loc[["transformer, frozen GPT-2", "transformer, partial", "transformer, full"], "best_val_loss"]
+    assert losses.nunique() == 3, "frozen, partial and full train differently"
+    look = _outputs(executed["03_train_the_mapper"], "stdout")
+    assert "largest difference from the package's" in look and "loss by hand" in look
+    assert "the likeliest first token" in _outputs(executed["05_decoding_explorer"], "stdout")
 
 
 @pytest.mark.slow

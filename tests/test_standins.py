@@ -108,3 +108,44 @@ def test_standin_tokenizer_round_trips_any_text(models_dir):
         assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     # common caption words are single tokens or few pieces, not bytes
     assert len(tokenizer(" circle")["input_ids"]) <= 2
+
+
+def test_standins_live_in_one_folder_per_machine(monkeypatch, tmp_path, models_dir):
+    """CLIPCAP_STANDINS, else $XDG_CACHE_HOME/clipcap-course, else ~/.cache/clipcap-course; this session's
+    tests point it at a temporary folder (conftest), and every data folder's loaders read from there."""
+    from utils.captioner import language_model_source
+
+    assert models_dir == standins.standins_home() and str(models_dir).startswith(str(models_dir.parent))
+    assert language_model_source("gpt2", True, tmp_path / "some-data-folder" / "models")[0] == str(models_dir / "standin-gpt2")
+    monkeypatch.delenv(standins.STANDINS_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert standins.standins_home().parent == tmp_path / "xdg" / "clipcap-course"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert standins.standins_home().parent == tmp_path / "home" / ".cache" / "clipcap-course"
+
+
+def test_gpt2_standin_has_gpt2s_twelve_blocks_and_is_prefitted_on_captions(models_dir):
+    """Twelve blocks, as GPT-2 has, so frozen / partial / full mean what they mean for it; pre-fitted on
+    caption text: after an end-of-text token it writes a caption whose five facts can be read back, and after
+    a caption it restates that caption's facts (the in-context use of the text before it that a soft prompt
+    needs) far above the chance of about 0.34."""
+    folder = standins.gpt2_dir(models_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert model.config.n_layer == 12 and model.config.n_embd == 64
+    first, last = json.loads((folder / "standin.json").read_text())["loss_first_last"]
+    assert first > 5 and last < 0.6, (first, last)
+    eos = tokenizer.eos_token_id
+    from utils.embedded import embedded_attributes
+
+    def continue_after(text: str) -> str:
+        ids = torch.tensor([[eos, *tokenizer(text)["input_ids"], eos] if text else [eos]])
+        out = model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=eos, eos_token_id=eos)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    assert None not in embedded_attributes(continue_after("")).values(), continue_after("")
+    captions = [c for cs in embedded_set(models_dir.parent / "pairs", n_images=30, seed=0).values() for c in cs[:1]]
+    agree = np.mean([[embedded_attributes(continue_after(c))[a] == embedded_attributes(c)[a] for a in EMBEDDED_ATTRIBUTES]
+                     for c in captions])
+    assert agree >= 0.55, agree

@@ -39,7 +39,7 @@ def load_clip(backbone: str, device: torch.device, offline: bool, models_dir: st
         name = clip_standin_name(backbone)
         announce_offline(f"CLIP {name}, the tiny stand-in this captioner was trained on" if is_standin(backbone)
                          else f"CLIP '{backbone}' replaced by the tiny stand-in {name}")
-        source = str(clip_archive(backbone, models_dir))
+        source = str(clip_archive(backbone))  # the stand-ins: once per machine, standins.standins_home()
     else:
         source, name = backbone, backbone
     model, preprocess = clip.load(source, device=device, jit=False, download_root=str(models_dir / "clip"))

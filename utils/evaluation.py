@@ -34,6 +34,7 @@ import torch
 from .captioner import image_name
 from .clip_encoder import draft_size, encode_images
 from .config import DecodeConfig
+from .embedded import EMBEDDED_ATTRIBUTES, embedded_attributes
 from .images import UnreadableImage, open_image
 from .files import write_json
 
@@ -400,17 +401,37 @@ def references_by_image(captions: pd.DataFrame) -> dict[str, list[str]]:
 
 
 def results_table(scores: dict, compare: dict[str, dict[str, float]] | None = None,
-                  name: str = "ours") -> pd.DataFrame:
+                  name: str = "ours", calibration: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
     """One row per metric, x100 and rounded to 1 decimal as papers print them.
 
-    compare: extra columns of published numbers (already x100), e.g. PAPER_REFERENCE; a metric one
-    column lacks shows as NaN there (a metric we skipped stays visible beside the paper's number).
+    calibration: more columns of scores computed here (as `scores`, not yet x100), e.g. from
+    `calibration_scores`: what a reference caption, shuffled references and the most frequent caption score
+    on the same images, so that ours can be read between them. compare: extra columns of published numbers
+    (already x100), e.g. PAPER_REFERENCE; a metric one column lacks shows as NaN there (a metric we skipped
+    stays visible beside the paper's number).
     """
-    columns = {name: {metric: round(100 * float(v), 1) for metric, v in scores.items()}, **(compare or {})}
+    def x100(column: dict) -> dict:
+        return {metric: round(100 * float(v), 1) for metric, v in column.items()}
+
+    columns = {name: x100(scores), **{label: x100(c) for label, c in (calibration or {}).items()}, **(compare or {})}
     rows = list(dict.fromkeys(metric for column in columns.values() for metric in column))  # ours first
     table = pd.DataFrame({label: pd.Series(column, dtype=float) for label, column in columns.items()},
                          index=pd.Index(rows, name="metric"))
     return table
+
+
+# ---------------------------------------------------------------------- facts of the embedded set
+
+def facts_right(caption: str, truth: dict) -> float:
+    """Share of the embedded set's five facts (shape, colour, position, size, background) that `caption`
+    states as `truth` (an `embedded_attributes` dict) has them; a fact not stated counts as wrong."""
+    said = embedded_attributes(caption)
+    return float(np.mean([said[a] == truth[a] for a in EMBEDDED_ATTRIBUTES]))
+
+
+def embedded_truth(references: list[str]) -> dict:
+    """An embedded image's true facts, read from its references (they all state the same five)."""
+    return embedded_attributes(references[0])
 
 
 def write_results(path_json: str | Path, scores: dict, per_image_captions: list[dict],
@@ -461,7 +482,7 @@ def evaluate_split(captioner, cache, split: str = "test", decode: DecodeConfig |
     per_image.insert(3, "references", list(references.values()))
     unreadable = []
     if clip_score:
-        per_image["CLIPScore"], per_image["RefCLIPScore"], unreadable = _clip_scores_of_files(
+        per_image["CLIPScore"], per_image["RefCLIPScore"], unreadable = clip_scores_of_files(
             captioner, per_image["image_path"].to_list(), captions, list(references.values()), batch_size)
         if len(unreadable) < len(per_image):
             scores.update(CLIPScore=float(per_image["CLIPScore"].mean()),
@@ -488,7 +509,7 @@ def _check_cache_fits(captioner, cache) -> None:
                               f"made with `python -m utils features --backbone {cfg.backbone}`.")
 
 
-def _clip_scores_of_files(captioner, paths: list[str], captions: list[str], references: list[list[str]],
+def clip_scores_of_files(captioner, paths: list[str], captions: list[str], references: list[list[str]],
                           batch_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """CLIP-S and RefCLIP-S per image file (NaN where unreadable), `batch_size` images in memory at a time;
     and 'path (why)' for each unreadable one."""
@@ -511,45 +532,58 @@ def _clip_scores_of_files(captioner, paths: list[str], captions: list[str], refe
 
 def temperature_table(captioner, images, temperatures: Iterable[float] = (0.3, 0.7, 1.0, 1.5), samples: int = 3,
                       methods: Iterable[str] = ("greedy", "beam"), seed: int = 0,
-                      names: list[str] | None = None) -> pd.DataFrame:
+                      names: list[str] | None = None, top_ps: Iterable[float] = (),
+                      top_p_temperature: float | None = None) -> pd.DataFrame:
     """The same images captioned by each deterministic method and by sampling at each temperature.
 
     images: CLIP embeddings (N, clip_dim) (e.g. rows of a feature cache), or PIL images / image paths,
-    which the captioner encodes. Sampling draws `samples` captions per image and temperature (seeded,
-    so the table is reproducible); greedy and beam give one (sample 0, temperature NaN).
-    Returns one row per image x setting x sample: image, method, temperature, sample, caption.
+    which the captioner encodes. Sampling draws `samples` captions per image and setting; greedy and beam
+    give one (sample 0, temperature NaN). `top_ps`: more sampling settings, each top-p at
+    `top_p_temperature` (default: the highest of `temperatures`). Every sampling setting has its own seed
+    (`seed` + its position), so two settings never share their random draws, and the table is the same on
+    every run.
+    Returns one row per image x setting x sample: image, method, temperature, top_p, sample, caption.
     `names` labels the images (default: their file names, or positions for embeddings).
     """
     if torch.is_tensor(images) or isinstance(images, np.ndarray):
         embeds, names = images, names or [str(i) for i in range(len(images))]
     else:
         embeds, names = captioner.embed(images), names or [image_name(im, i) for i, im in enumerate(images)]
+    temperatures = list(temperatures)
     rows = []
     for method in methods:
         captions = captioner.generate(embeds, DecodeConfig(method=method))
-        rows += [(names[i], method, np.nan, 0, c) for i, c in enumerate(captions)]
-    for t in temperatures:
-        drawn = captioner.generate(embeds, DecodeConfig(method="sample", temperature=t, num_return_sequences=samples,
-                                                        seed=seed))
+        rows += [(names[i], method, np.nan, np.nan, 0, c) for i, c in enumerate(captions)]
+    hot = top_p_temperature if top_p_temperature is not None else max(temperatures, default=1.0)
+    settings = [(t, 1.0) for t in temperatures] + [(hot, p) for p in top_ps]
+    for k, (t, p) in enumerate(settings):
+        drawn = captioner.generate(embeds, DecodeConfig(method="sample", temperature=t, top_p=p,
+                                                        num_return_sequences=samples, seed=seed + k))
         drawn = [d if samples > 1 else [d] for d in drawn]  # one sample comes back as a plain caption
-        rows += [(names[i], "sample", t, k, c) for i, per_image in enumerate(drawn) for k, c in enumerate(per_image)]
-    return pd.DataFrame(rows, columns=["image", "method", "temperature", "sample", "caption"])
+        rows += [(names[i], "sample", t, p, j, c) for i, per_image in enumerate(drawn) for j, c in enumerate(per_image)]
+    return pd.DataFrame(rows, columns=["image", "method", "temperature", "top_p", "sample", "caption"])
 
 
-def temperature_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per setting of a temperature_table: how varied its captions are, and how far from greedy.
+def temperature_summary(table: pd.DataFrame, truth: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Per setting of a temperature_table: how varied its captions are, how far from greedy, and (with
+    `truth`, image name -> its true facts, embedded set) how many facts they state right.
 
     distinct_share: distinct captions / captions, per image, averaged (sampling: from 1/samples, every
     draw alike, up to 1, every draw different); same_as_greedy: share of captions equal to the greedy
-    one of their image (NaN without greedy rows); mean_words: caption length.
+    one of their image (NaN without greedy rows); mean_words: caption length; facts_right: share of the
+    five facts stated right (`facts_right`), averaged over captions.
     """
+    if "top_p" not in table:
+        table = table.assign(top_p=np.where(table["method"] == "sample", 1.0, np.nan))
+    keys = ["method", "temperature", "top_p"]
     greedy = table[table["method"] == "greedy"].set_index("image")["caption"]
     table = table.assign(words=table["caption"].str.split().str.len(),
                          same=(table["caption"] == table["image"].map(greedy)) if len(greedy) else np.nan)
-    per_image = table.groupby(["method", "temperature", "image"], dropna=False).agg(
-        distinct=("caption", "nunique"), n=("caption", "size"))
-    summary = table.groupby(["method", "temperature"], dropna=False).agg(
-        captions=("caption", "size"), same_as_greedy=("same", "mean"), mean_words=("words", "mean"))
-    summary.insert(1, "distinct_share",
-                   (per_image["distinct"] / per_image["n"]).groupby(["method", "temperature"], dropna=False).mean())
+    per_image = table.groupby([*keys, "image"], dropna=False).agg(distinct=("caption", "nunique"), n=("caption", "size"))
+    aggregate = dict(captions=("caption", "size"), same_as_greedy=("same", "mean"), mean_words=("words", "mean"))
+    if truth is not None:
+        table = table.assign(facts=[facts_right(c, truth[i]) for c, i in zip(table["caption"], table["image"])])
+        aggregate["facts_right"] = ("facts", "mean")
+    summary = table.groupby(keys, dropna=False, sort=False).agg(**aggregate)
+    summary.insert(1, "distinct_share", (per_image["distinct"] / per_image["n"]).groupby(keys, dropna=False).mean())
     return summary.reset_index()

@@ -51,9 +51,9 @@ def language_model_source(name: str, offline: bool, models_dir: str | Path) -> t
     if offline and not Path(name).is_dir():
         kind = "t5" if _is_t5_name(name) else "gpt2"
         announce_offline(f"language model '{name}' replaced by the tiny stand-in {kind.upper()}")
-        return str(standins[kind](models_dir)), STANDIN_PREFIX + kind
+        return str(standins[kind]()), STANDIN_PREFIX + kind  # the stand-ins: once per machine
     if name.startswith(STANDIN_PREFIX):
-        return str(standins.get(name[len(STANDIN_PREFIX):], gpt2_dir)(models_dir)), name
+        return str(standins.get(name[len(STANDIN_PREFIX):], gpt2_dir)()), name
     return name, name
 
 

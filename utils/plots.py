@@ -75,7 +75,8 @@ def plot_history(history: dict, path=None):
         ax_loss.plot(train["step"], smooth, label="training loss (smoothed)", lw=2)
     if len(val):
         ax_loss.plot(val["step"], val["val_loss"], "o-", label="validation loss", color="tab:red")
-    ax_loss.set(xlabel="optimiser step", ylabel="cross-entropy per caption token", title="Loss")
+    ax_loss.set_yscale("log")  # a log axis shows the late, small improvements and the train/validation gap
+    ax_loss.set(xlabel="optimiser step", ylabel="cross-entropy per caption token (log scale)", title="Loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     ax_lr.plot(train["step"], train["lr"], color="tab:orange")
@@ -148,26 +149,68 @@ def feature_labels(cache, by: str, keywords: tuple[str, ...] = ("dog", "man", "w
     return [next((k for k in keywords if k in w), "other") for w in words]
 
 
-def plot_feature_map(features: np.ndarray, labels: list[str], title: str = "CLIP image embeddings", path=None):
-    """A 2-D projection (PCA) of CLIP embeddings, coloured by a label: do similar images sit together?"""
+def _pca2(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-normalised, centred embeddings projected on their two principal components; and the share of
+    the variance each of the two holds."""
     x = np.asarray(features, dtype=np.float32)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     x = x - x.mean(0)
     _, s, vt = np.linalg.svd(x, full_matrices=False)
-    xy = x @ vt[:2].T
-    share = s[:2] ** 2 / max(float((s ** 2).sum()), 1e-12)
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    return x @ vt[:2].T, s[:2] ** 2 / max(float((s ** 2).sum()), 1e-12)
+
+
+def neighbour_agreement(features: np.ndarray, labels: list[str]) -> tuple[float, float]:
+    """How often an embedding's nearest neighbour (cosine, itself excluded) has its label, counted in all
+    dimensions; and what chance gives (the sum of the squared label shares)."""
+    x = np.asarray(features, dtype=np.float32)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    similarity = x @ x.T
+    np.fill_diagonal(similarity, -np.inf)
+    labels = np.asarray(labels)
+    agreement = float((labels[similarity.argmax(1)] == labels).mean())
+    return agreement, float(sum((labels == value).mean() ** 2 for value in set(labels.tolist())))
+
+
+def _scatter_by(ax, xy: np.ndarray, labels: list[str], size: float = 12) -> None:
     names = sorted(set(labels))
     own_colours = all(matplotlib.colors.is_color_like(name) for name in names)  # colour by colour: use its own
     for label in names:
         keep = np.array([lab == label for lab in labels])
-        ax.scatter(xy[keep, 0], xy[keep, 1], s=12, alpha=0.7, label=f"{label} ({keep.sum()})",
+        ax.scatter(xy[keep, 0], xy[keep, 1], s=size, alpha=0.7, label=f"{label} ({keep.sum()})",
                    color=label if own_colours else None, edgecolors="dimgray" if own_colours else "none",
                    linewidths=0.3)
+
+
+def plot_feature_map(features: np.ndarray, labels: list[str], title: str = "CLIP image embeddings", path=None):
+    """A 2-D projection (PCA) of CLIP embeddings, coloured by a label: do similar images sit together?"""
+    xy, share = _pca2(features)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    _scatter_by(ax, xy, labels)
     ax.set(xlabel=f"first principal component ({share[0]:.1%} of the variance)",
            ylabel=f"second principal component ({share[1]:.1%})", title=title)
     ax.legend(markerscale=2, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_feature_panels(features: np.ndarray, labels_by: dict[str, list[str]], title: str = "CLIP image embeddings",
+                        path=None):
+    """The same 2-D projection (PCA) of CLIP embeddings once per property (e.g. each attribute of the
+    embedded set), each panel coloured by that property and titled with its nearest-neighbour agreement
+    (in all dimensions) against chance: which properties does the embedding carry?"""
+    xy, share = _pca2(features)
+    fig, axes = plt.subplots(1, len(labels_by), figsize=(3.3 * len(labels_by), 3.7), squeeze=False)
+    for ax, (name, labels) in zip(axes[0], labels_by.items()):
+        agreement, chance = neighbour_agreement(features, labels)
+        _scatter_by(ax, xy, labels, size=6)
+        ax.set_title(f"{name}: neighbour agrees {agreement:.0%}\n(chance {chance:.0%})", fontsize=9)
+        ax.set(xticks=[], yticks=[])
+        ax.legend(markerscale=1.5, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=3,
+                  frameon=False, handletextpad=0.1, columnspacing=0.6)
+    axes[0][0].set_ylabel(f"PC 2 ({share[1]:.0%})")
+    fig.suptitle(f"{title}: first two principal components ({share[0]:.0%} + {share[1]:.0%} of the variance), "
+                 "one panel per property", fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -210,11 +253,31 @@ def plot_trainable_parameters(captioner, path=None):
 
 
 def plot_temperature_summary(summary: pd.DataFrame, path=None):
-    """From temperature_summary(): per sampling temperature, how varied the captions of an image are, how
-    often one equals greedy's, and how long they are; greedy and beam search as dashed lines."""
-    sample = summary[summary["method"] == "sample"].sort_values("temperature")
-    fixed = summary[summary["method"] != "sample"].set_index("method")
-    fig, (ax_share, ax_words) = plt.subplots(1, 2, figsize=(11, 3.6))
+    """From temperature_summary(): per sampling temperature, how many facts the captions state right (when
+    the summary has facts_right, the embedded set), how varied the captions of an image are and how often
+    one equals greedy's, and how long they are; greedy and beam search as dashed lines, the top-p settings
+    as points at their temperature."""
+    is_sample = summary["method"] == "sample"
+    top_p = summary["top_p"] if "top_p" in summary else pd.Series(1.0, index=summary.index)
+    sample = summary[is_sample & (top_p == 1.0)].sort_values("temperature")
+    cut = summary[is_sample & (top_p < 1.0)]
+    fixed = summary[~is_sample].set_index("method")
+    facts = "facts_right" in summary
+    fig, axes = plt.subplots(1, 3 if facts else 2, figsize=(15 if facts else 11, 3.6))
+    if facts:
+        ax = axes[0]
+        ax.plot(sample["temperature"], sample["facts_right"], "o-", color="tab:green", label="sampled (top-p 1)")
+        for k, row in enumerate(cut.sort_values("facts_right").itertuples()):
+            ax.plot(row.temperature, row.facts_right, "D", color="tab:blue", ms=7)
+            ax.annotate(f"top-p {row.top_p:g}: {row.facts_right:.2f}", (row.temperature, row.facts_right),
+                        textcoords="offset points", xytext=(8, -12 + 14 * k), fontsize=8, color="tab:blue")
+        for method, style in (("greedy", "--"), ("beam", ":")):
+            if method in fixed.index:
+                ax.axhline(float(fixed.loc[method, "facts_right"]), color="tab:gray", ls=style, lw=1, label=method)
+        ax.set(xlabel="sampling temperature", ylabel="share of facts stated right", ylim=(-0.03, 1.05),
+               title="Facts right (shape, colour, position, size, background)")
+        ax.legend(fontsize=8, loc="lower left")
+    ax_share, ax_words = axes[-2], axes[-1]
     ax_share.plot(sample["temperature"], sample["distinct_share"], "o-", label="distinct captions among an image's samples")
     ax_share.plot(sample["temperature"], sample["same_as_greedy"], "s-", label="captions equal to greedy's")
     if "beam" in fixed.index and pd.notna(fixed.loc["beam", "same_as_greedy"]):
@@ -231,11 +294,38 @@ def plot_temperature_summary(summary: pd.DataFrame, path=None):
     ax_words.set(xlabel="sampling temperature", ylabel="words per caption (mean)", ylim=(0, 1.2 * longest),
                  title="Caption length")
     ax_words.legend(fontsize=8, loc="lower right")
-    for ax in (ax_share, ax_words):
+    for ax in axes:
         ax.grid(alpha=0.3)
     n = int(sample["captions"].iloc[0]) if len(sample) else 0
-    fig.suptitle(f"Greedy, beam and sampled captions of the same images ({n} sampled captions per temperature)",
+    fig.suptitle(f"Greedy, beam and sampled captions of the same images ({n} sampled captions per setting)",
                  fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_next_token(logits, tokenizer, temperatures=(0.5, 1.0, 2.0), top_p: float = 0.9, shown: int = 12, path=None):
+    """One decoding step: the probabilities of the `shown` likeliest next tokens, softmax(logits / T), at each
+    temperature; the tokens a top-p cut keeps in colour, those it removes in grey."""
+    import torch
+
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    order = logits.argsort(descending=True)[:shown]
+    words = [repr(tokenizer.decode(int(i)))[1:-1] or "(empty)" for i in order]
+    fig, axes = plt.subplots(1, len(temperatures), figsize=(4.2 * len(temperatures), 3.6), sharey=True)
+    for ax, t in zip(np.atleast_1d(axes), temperatures):
+        probs = torch.softmax(logits / t, dim=-1)
+        ranked = probs.sort(descending=True).values
+        kept = int(((ranked.cumsum(0) - ranked) < top_p).sum())  # the likeliest tokens holding top_p of it
+        p = probs[order].numpy()
+        ax.barh(range(len(order)), p, color=["tab:blue" if r < kept else "lightgray" for r in range(len(order))])
+        ax.set(title=f"T = {t:g}: top-p {top_p:g} keeps {kept} token{'s' if kept != 1 else ''}",
+               xlabel="probability of the next token", xlim=(0, 1))
+        ax.grid(alpha=0.3, axis="x")
+    first = np.atleast_1d(axes)[0]
+    first.set_yticks(range(len(order)), words, fontsize=8)
+    first.invert_yaxis()
+    fig.suptitle(f"The first caption token: probabilities at {len(temperatures)} temperatures (blue: kept by top-p "
+                 f"{top_p:g}, grey: cut)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -254,4 +344,90 @@ def plot_distinct_share(history: dict, warn_below: float | None = None, path=Non
     ax.set(xlabel="optimiser step", ylabel=f"distinct captions / {watched} images", ylim=(0, 1.05),
            title="Are the captions still different for different images?")
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_model_diagram(config, lm_dim: int = 768, lm_blocks: int = 12, vocab: int = 50257, path=None):
+    """ClipCap as boxes and arrows, every arrow labelled with its tensor's shape: image -> frozen CLIP ->
+    mapper -> prefix, joined with the caption's token embeddings -> GPT-2 (which blocks learn, by
+    `config.freeze`) -> logits, and where the loss counts. The defaults are the real GPT-2's (124M)."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    P, C, D, E = config.prefix_length, config.clip_length, lm_dim, config.clip_dim
+    learns = {"frozen": "all frozen", "full": "all learn",
+              "partial": f"last {config.train_last_blocks} learn, first {lm_blocks - config.train_last_blocks} frozen"
+              + (f" (+ first {config.train_first_blocks})" if config.train_first_blocks else "")}[config.freeze]
+    if config.mapper == "transformer":
+        mapper = (f"transformer mapper (learns)\nLinear: clip_dim -> clip_length x lm_dim\n= {C} x {D}, "
+                  f"+ prefix_length = {P} learned constants\n{config.num_layers} encoder layers, keep the last {P}")
+    else:
+        mapper = f"MLP mapper (learns)\nLinear {E} -> {P * D // 2}, tanh,\nLinear -> {P} x {D}"
+    boxes = [  # (centre x, centre y, height, text, colour)
+        (0.2, 0.88, 0.1, "image\n(3, H, W)", "#eeeeee"),
+        (0.2, 0.64, 0.13, f"CLIP image encoder {config.backbone}\n(frozen; computed once, notebook 02)", "#dddddd"),
+        (0.2, 0.30, 0.22, mapper, "#cfe8cf"),
+        (0.7, 0.88, 0.1, "caption tokens\n\"a red circle ...\" + EOS", "#eeeeee"),
+        (0.7, 0.64, 0.1, f"GPT-2 token embeddings\n(lookup table {vocab} x {D})", "#dddddd"),
+        (0.7, 0.38, 0.12, f"GPT-2: {lm_blocks} blocks, width lm_dim = {D}\n{learns}",
+         "#cfe8cf" if config.freeze != "frozen" else "#dddddd"),
+        (0.7, 0.10, 0.14, f"logits (B, {P} + T, {vocab})\nloss on caption + EOS only;\n"
+                          f"position {P - 1} predicts the first word", "#f3e3c3"),
+    ]
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    ax.set(xlim=(0, 1), ylim=(0, 1))
+    ax.axis("off")
+    for x, y, h, text, colour in boxes:
+        ax.add_patch(FancyBboxPatch((x - 0.17, y - h / 2), 0.34, h, boxstyle="round,pad=0.01", fc=colour, ec="dimgray"))
+        ax.text(x, y, text, ha="center", va="center", fontsize=8.5)
+
+    def arrow(a, b, label, at=None):
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=14, color="black", lw=1.2))
+        x, y = at or ((a[0] + b[0]) / 2 + 0.01, (a[1] + b[1]) / 2)
+        ax.text(x, y, label, fontsize=8.5, color="tab:blue", ha="left", va="center", family="monospace")
+
+    arrow((0.2, 0.83), (0.2, 0.705), "pixels (B, 3, H, W)")
+    arrow((0.2, 0.575), (0.2, 0.41), f"clip_embed\n(B, clip_dim={E})")
+    arrow((0.37, 0.30), (0.53, 0.37), f"prefix (B, prefix_length={P},\n        lm_dim={D})", at=(0.385, 0.22))
+    arrow((0.7, 0.83), (0.7, 0.69), "input_ids (B, T)")
+    arrow((0.7, 0.59), (0.7, 0.44), f"(B, T, {D}), after the prefix:\n(B, {P} + T, {D})")
+    arrow((0.7, 0.32), (0.7, 0.17), f"hidden states\n(B, {P} + T, {D})")
+    ax.set_title(f"ClipCap with the {config.mapper} mapper: tensor shapes at each step (B images, T caption tokens)",
+                 fontsize=11)
+    return _save(fig, path)
+
+
+def plot_runs(histories: dict[str, dict], path=None):
+    """Training loss (smoothed) of several runs on one log axis, and each run's validation losses as points:
+    the runs of a comparison side by side."""
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    for (name, history), colour in zip(histories.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3):
+        train = pd.DataFrame(history["train"])
+        ax.plot(train["step"], train["loss"], lw=1.5, color=colour, label=name)
+        val = pd.DataFrame(history.get("val", []))
+        if len(val):
+            ax.plot(val["step"], val["val_loss"], "o", color=colour, ms=5)
+    ax.set_yscale("log")
+    ax.set(xlabel="optimiser step", ylabel="training loss (log scale); points: validation",
+           title="Short runs compared")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_prefix_attention(tokens: list[str], share: np.ndarray, prefix_length: int, path=None):
+    """For each caption token, the share of its attention (averaged over GPT-2's layers and heads) that goes
+    to the prefix positions, against what attending evenly to everything before it would give."""
+    share = np.asarray(share, dtype=float)
+    positions = np.arange(len(tokens))
+    even = prefix_length / (prefix_length + positions + 1)  # uniform attention over the positions before it
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(tokens) + 2), 3.6))
+    ax.bar(positions, share, color="tab:blue", label="attention on the prefix")
+    ax.plot(positions, even, "k--", lw=1, label="if attention were even over all earlier positions")
+    ax.set_xticks(positions, [repr(t)[1:-1] for t in tokens], rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel="share of attention", ylim=(0, 1.05),
+           title=f"How much each caption token looks at the {prefix_length} prefix positions")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
     return _save(fig, path)

@@ -61,8 +61,8 @@ def announce_offline(what: str) -> None:
         return
     announce_offline.said = True
     bar = "!" * 78
-    print(f"{bar}\n!! OFFLINE MODE: {what}\n!! Stand-in models are tiny (CLIP fitted briefly to synthetic drawings,"
-          f" GPT-2\n!! random): their captions and scores teach the mechanics only. With network,\n"
+    print(f"{bar}\n!! OFFLINE MODE: {what}\n!! Stand-in models are tiny (CLIP and GPT-2 fitted briefly to synthetic"
+          f" drawings\n!! and their captions): they teach the mechanics, not photos. With network,\n"
           f"!! run without --offline.\n{bar}",
           file=sys.stderr, flush=True)
 
@@ -173,17 +173,39 @@ def _free_ram_gib() -> float | None:
         return None
 
 
-def notebook_setup(device: str = "auto") -> dict:
+COLAB_DRIVE_DATA = "/content/drive/MyDrive/clipcap-course/data"
+
+
+def mount_drive(data_dir: str = COLAB_DRIVE_DATA) -> str | None:
+    """On Colab: mount Google Drive (Colab asks for permission once) and keep the course's data in `data_dir`
+    on it (CLIPCAP_DATA), so the next notebook, on its own machine, finds what this one wrote. Elsewhere it
+    does nothing and returns None (Kaggle keeps /kaggle/working; a local machine keeps data/)."""
+    if detect_platform() != "colab":
+        return None
+    from google.colab import drive  # Colab's own module
+
+    drive.mount("/content/drive")
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    os.environ["CLIPCAP_DATA"] = data_dir
+    return data_dir
+
+
+def notebook_setup(device: str = "auto", drive: bool = False) -> dict:
     """The first cell of every notebook: where we run, the versions that matter, the device and the GPU check.
 
     Prints one line per item and returns the same facts as a dict. A GPU this torch cannot use is shown as
-    a boxed message with what to do, never as a traceback.
+    a boxed message with what to do, never as a traceback. `drive=True`: on Colab, first mount Google Drive
+    and keep the course's data there (`mount_drive`); ignored elsewhere.
     """
+    if drive:
+        mount_drive()
     report = environment_report(device)
     where = {"kaggle": "Kaggle (inputs read-only under /kaggle/input, outputs in /kaggle/working, which is this "
                        "notebook's own: see README, 'The course', to carry data to the next notebook)",
              "colab": "Colab (files under /content vanish with the session and are not seen by the next notebook: "
-                      "set CLIPCAP_DATA to a Drive folder, see README, 'The course')",
+                      "run the first cell with notebook_setup(drive=True) to keep data/ on Google Drive)"
+                      if not os.environ.get("CLIPCAP_DATA", "").startswith("/content/drive") else
+                      "Colab, with the course's data on Google Drive",
              "local": "local machine"}[report["platform"]]
     memory = (f"{report['gpu_memory_free_gib']} of {report['gpu_memory_total_gib']} GiB GPU memory free, compute "
               f"capability {report['compute_capability']}" if "gpu_memory_free_gib" in report

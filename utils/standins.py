@@ -17,7 +17,7 @@ ViT (16x16 patches, width 64) and a 1-layer text transformer (width 64) with 64-
 for 600 steps (batches of 64) of CLIP's own symmetric contrastive (InfoNCE) loss on a private
 synthetic set of 3000 `utils.embedded.make_embedded` drawings generated with seed 12345, which the
 course never uses, so the course's own images are never seen. It takes about half a minute on two CPU
-cores, once per data folder. It learns the attributes of those drawings and the words that name them:
+cores, once per machine (see below). It learns the attributes of those drawings and the words that name them:
 colour, position and background almost perfectly, size well, shape only partly (see
 tests/test_standins.py for the numbers checked). That is what the course needs -- a captioner trained
 on its embeddings can learn where and how big the shape is, which random weights do not carry -- and
@@ -25,7 +25,18 @@ all it knows: it is a teaching stand-in, not CLIP and not a model of photographs
 for RN* backbones keeps random (seeded) weights: it is only there so that RN* backbones load and
 mismatches can be shown, and fitting it would take three times as long.
 
-GPT-2's stand-in weights are random (seeded): they teach the mechanics, never the quality of captions.
+The stand-in GPT-2 has the real GPT-2's 12 blocks at a tiny width (64, 4 heads; 0.65M parameters against
+124M), so that `freeze="frozen"`, `"partial"` (the last two blocks learn) and `"full"` mean what they mean
+for the real one. It is PRE-FITTED, as the real GPT-2 is pre-trained, for a few hundred steps of next-token
+loss on text alone: pairs of captions of the same private drawing joined by an end-of-text token
+("a small red circle on the left ... .<|endoftext|>There is a little red circle ..."). So it knows the
+captions' grammar and words, and it has learned to restate what the text before it said, the in-context
+skill a soft prompt relies on; what it cannot know is the image. It is a teaching stand-in: the real GPT-2
+knows English, this one knows a few hundred caption words.
+
+Both are built ONCE PER MACHINE, in `standins_home()` (a user cache folder: `$CLIPCAP_STANDINS`, else
+`$XDG_CACHE_HOME/clipcap-course`, else `~/.cache/clipcap-course`), with a progress line, and every data
+folder reuses them. Building takes about a minute on one core the first time.
 """
 
 from __future__ import annotations
@@ -34,7 +45,10 @@ import contextlib
 import csv
 import dataclasses
 import math
+import os
 import shutil
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -60,7 +74,12 @@ CLIP_DATA = "standin-clip-data"  # folder under models_dir holding the private t
 _CLIP_FIT = dict(images=3000, seed=12345, steps=600, batch=64, lr=1e-3, warmup=20, weight_decay=0.1,
                  group_fraction=1.0, group_weights=(0.4, 0.05, 0.35, 0.15, 0.05), image_delay=40)
 
-_GPT2 = dict(n_positions=256, n_embd=64, n_layer=2, n_head=2)
+# GPT-2's 12 blocks at width 64. No dropout: it would only slow the short fit and the course's training.
+_GPT2 = dict(n_positions=256, n_embd=64, n_layer=12, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+# How it is pre-fitted (see `_fit_gpt2`): next-token loss on pairs of captions of the private drawings.
+_GPT2_FIT = dict(steps=300, batch=32, lr=6e-3, warmup=20, weight_decay=0.01, seed=12345)
+STANDINS_ENV = "CLIPCAP_STANDINS"  # where the stand-ins are built, once per machine (see standins_home)
+_STANDINS_VERSION = 2  # bump when a stand-in's recipe changes: the machine's old copies are then not used
 _TOKENIZER_VOCAB = 600
 
 # What the tokenizer is trained on: ordinary English around our captions, so BPE merges are sensible.
@@ -78,6 +97,24 @@ def is_standin(name: str) -> bool:
     return str(name).startswith(STANDIN_PREFIX)
 
 
+def standins_home() -> Path:
+    """The folder the stand-in models are built in, once per machine, and read from by every data folder:
+    `$CLIPCAP_STANDINS`, else `$XDG_CACHE_HOME/clipcap-course`, else `~/.cache/clipcap-course` (a
+    `standins-v<N>` folder inside, so a course with other stand-ins never reads these)."""
+    base = os.environ.get(STANDINS_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipcap-course"
+    return Path(base).expanduser() / f"standins-v{_STANDINS_VERSION}"
+
+
+def _folder(models_dir: str | Path | None) -> Path:
+    return Path(models_dir) if models_dir is not None else standins_home()
+
+
+def _announce(what: str, where: Path, seconds: str) -> float:
+    print(f"building the {what} once for this machine in {where} (about {seconds} on one CPU core; "
+          "every later run reuses it)", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
 def clip_standin_name(backbone: str) -> str:
     """'ViT-B/32' -> 'standin:ViT' (RN* names get the ResNet stand-in), as recorded in caches; a stand-in
     name stays itself."""
@@ -85,18 +122,21 @@ def clip_standin_name(backbone: str) -> str:
     return STANDIN_PREFIX + ("RN" if kind.upper().startswith("RN") else "ViT")
 
 
-def clip_archive(backbone: str, models_dir: str | Path) -> Path:
-    """Path of the stand-in CLIP TorchScript archive for `backbone`, built on first use.
+def clip_archive(backbone: str, models_dir: str | Path | None = None) -> Path:
+    """Path of the stand-in CLIP TorchScript archive for `backbone`, built on first use in `models_dir`
+    (default: `standins_home()`, once per machine).
 
-    The ViT stand-in is trained then (about half a minute on two CPU cores, on drawings it generates
+    The ViT stand-in is trained then (about half a minute on one CPU core, on drawings it generates
     in `models_dir / CLIP_DATA`; see the module's docstring); the ResNet one keeps random weights.
     Both are deterministic: building again gives the same weights.
     """
     kind = clip_standin_name(backbone).removeprefix(STANDIN_PREFIX)
-    path = Path(models_dir) / f"standin-clip-{kind.lower()}.pt"
+    folder = _folder(models_dir)
+    path = folder / f"standin-clip-{kind.lower()}.pt"
     if path.is_file():
         return path
-    model = _standin_clip(kind, Path(models_dir))
+    start = _announce(f"stand-in CLIP ({kind})", folder, "30 s" if kind != "RN" else "5 s")
+    model = _standin_clip(kind, folder)
     n = model.visual.input_resolution
     image = torch.zeros(1, 3, n, n)
     text = torch.zeros(1, model.context_length, dtype=torch.long)
@@ -105,6 +145,7 @@ def clip_archive(backbone: str, models_dir: str | Path) -> Path:
         traced = torch.jit.trace(model, (image, text), check_trace=False)
     with atomic_path(path) as tmp:
         traced.save(str(tmp))
+    print(f"stand-in CLIP ({kind}) built in {time.perf_counter() - start:.0f} s: {path}", file=sys.stderr, flush=True)
     return path
 
 
@@ -314,25 +355,85 @@ class _GroupSampler:
         return torch.cat([torch.tensor(chosen, dtype=torch.long), rest])
 
 
-def gpt2_dir(models_dir: str | Path) -> Path:
-    """Folder holding the stand-in GPT-2 and its tokenizer in `from_pretrained` layout, built on first use."""
+def gpt2_dir(models_dir: str | Path | None = None) -> Path:
+    """Folder holding the stand-in GPT-2 and its tokenizer in `from_pretrained` layout, built (and
+    pre-fitted, see the module's docstring) on first use in `models_dir` (default: `standins_home()`)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    dest = Path(models_dir) / "standin-gpt2"
+    folder = _folder(models_dir)
+    dest = folder / "standin-gpt2"
     if (dest / "standin.json").is_file():
         return dest
-    tmp = dest.with_name(dest.name + ".tmp")
+    start = _announce("stand-in GPT-2", folder, "a minute")
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = _train_tokenizer(tmp)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, **_GPT2)
-    GPT2LMHeadModel(config).save_pretrained(tmp)
-    write_json(tmp / "standin.json", {"standin": True, "what": "tiny random-init GPT-2 for offline runs",
-                                      "config": _GPT2, "tokenizer_vocab": len(tokenizer)})
+    with _private_torch_state():
+        config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, **_GPT2)
+        model = GPT2LMHeadModel(config)
+        losses = _fit_gpt2(model, _caption_pairs(folder / CLIP_DATA, tokenizer))
+    model.save_pretrained(tmp)
+    write_json(tmp / "standin.json", {"standin": True, "what": "tiny GPT-2 (12 blocks, width 64) pre-fitted on "
+                                      "pairs of generated captions, for offline runs", "config": _GPT2,
+                                      "fit": _GPT2_FIT, "loss_first_last": losses, "tokenizer_vocab": len(tokenizer)})
+    if (dest / "standin.json").is_file():  # another process built it meanwhile: the same weights
+        shutil.rmtree(tmp, ignore_errors=True)
+        return dest
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+    print(f"stand-in GPT-2 built in {time.perf_counter() - start:.0f} s (next-token loss {losses[0]:.2f} -> "
+          f"{losses[1]:.2f}): {dest}", file=sys.stderr, flush=True)
     return dest
+
+
+def _caption_pairs(folder: Path, tokenizer) -> torch.Tensor:
+    """Token rows `EOS caption EOS other caption of the same drawing EOS`, padded with -1, from the private
+    drawings (generated on first use; the same set the stand-in CLIP is fitted on)."""
+    from .embedded import make_embedded
+
+    make_embedded(folder, n_images=_CLIP_FIT["images"], seed=_CLIP_FIT["seed"])
+    captions: dict[str, list[str]] = {}
+    with open(folder / "captions.csv", newline="", encoding="utf-8") as f:
+        for name, caption in list(csv.reader(f))[1:]:
+            captions.setdefault(name, []).append(caption)
+    eos = tokenizer.eos_token_id
+    rows = [[eos, *tokenizer(cs[i])["input_ids"], eos, *tokenizer(cs[(i + 1) % len(cs)])["input_ids"], eos]
+            for name in sorted(captions) for cs in [captions[name]] for i in range(len(cs))]
+    out = torch.full((len(rows), max(map(len, rows))), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row)
+    return out
+
+
+def _fit_gpt2(model, rows: torch.Tensor) -> tuple[float, float]:
+    """Next-token loss on `rows` (padding -1), AdamW with warm-up and cosine decay, in place,
+    deterministically; returns the loss of the first and of the last step."""
+    from tqdm.auto import tqdm
+
+    fit = _GPT2_FIT
+    gen = torch.Generator().manual_seed(fit["seed"])
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=fit["weight_decay"]), dict(params=rest, weight_decay=0.0)],
+                            lr=fit["lr"], betas=(0.9, 0.98))
+    steps, warmup, losses = fit["steps"], fit["warmup"], []
+    model.train()
+    for step in tqdm(range(steps), desc="fitting the stand-in GPT-2", unit="step", mininterval=2, leave=False):
+        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        for group in opt.param_groups:
+            group["lr"] = fit["lr"] * scale
+        batch = rows[torch.randint(0, len(rows), (fit["batch"],), generator=gen)]
+        batch = batch[:, :int((batch >= 0).sum(1).max())]  # up to the longest row of this batch
+        mask = batch >= 0
+        loss = model(input_ids=batch.clamp(min=0), attention_mask=mask.long(), labels=batch.masked_fill(~mask, -100)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return round(losses[0], 4), round(sum(losses[-10:]) / len(losses[-10:]), 4)
 
 
 def _train_tokenizer(dest: Path):
@@ -365,14 +466,14 @@ _MARIAN = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention
 _MARIAN_VOCAB = 400
 
 
-def marian_dir(models_dir: str | Path) -> Path:
+def marian_dir(models_dir: str | Path | None = None) -> Path:
     """Folder holding the stand-in Marian model and its tokenizer, built on first use (about a second)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import MarianConfig, MarianMTModel, PreTrainedTokenizerFast
 
     from .files import atomic_dir
 
-    dest = Path(models_dir) / "standin-marian"
+    dest = _folder(models_dir) / "standin-marian"
     if (dest / "standin.json").is_file():
         return dest
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -400,13 +501,13 @@ def marian_dir(models_dir: str | Path) -> Path:
 _T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.1)
 
 
-def t5_dir(models_dir: str | Path) -> Path:
+def t5_dir(models_dir: str | Path | None = None) -> Path:
     """Folder holding the stand-in T5 and its tokenizer in `from_pretrained` layout, built on first use."""
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
     from .files import atomic_dir
 
-    dest = Path(models_dir) / "standin-t5"
+    dest = _folder(models_dir) / "standin-t5"
     if (dest / "standin.json").is_file():
         return dest
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir(models_dir))

@@ -16,7 +16,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import models_dir as default_models_dir
 from .runtime import announce_offline, is_offline
 from .standins import STANDIN_PREFIX, is_standin, marian_dir
 
@@ -86,7 +85,7 @@ def load_translator(lang: str, offline: bool | None = None, models_dir: str | Pa
     if is_offline(offline):
         announce_offline(f"translation to {language_name(lang)} by a tiny random stand-in Marian model: "
                          "its output is random words, labelled so, not a translation")
-        source = marian_dir(Path(models_dir) if models_dir else default_models_dir())
+        source = marian_dir(Path(models_dir) if models_dir else None)  # the stand-ins: once per machine
         name = STANDIN_PREFIX + "marian"
     else:
         source = name = HUB_NAME.format(lang=lang)
