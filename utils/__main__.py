@@ -46,8 +46,11 @@ def cmd_info(args) -> None:
                   f"({m['clip_dim']}-d){' [stand-in]' if m['standin'] else ''}, {m['num_skipped']} skipped")
         except FeatureCacheError as exc:
             print(f"  {path.name}: {str(exc).splitlines()[0]}")
-    found = sorted(p.name for p in models.glob("*")) if models.is_dir() else []
-    print(f"models under {models}: {', '.join(found) or 'none'}")
+    from .standins import standins_home
+
+    for where, folder in (("downloaded models", models), ("stand-in models (this machine's)", standins_home())):
+        found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
+        print(f"{where} under {folder}: {', '.join(found) or 'none'}")
 
 
 def cmd_download(args):
@@ -158,7 +161,7 @@ def cmd_caption(args, captioner=None) -> list[dict]:
 
 def cmd_evaluate(args, captioner=None) -> dict:
     """Score a captioner on a split of a feature cache (default: the cache it was trained on)."""
-    from .evaluation import METRICS, evaluate_split, results_table
+    from .evaluation import METRICS, evaluate_split
     from .features import load_cache
 
     decode = decode_config(**given_arguments(DecodeConfig, args))
@@ -170,9 +173,15 @@ def cmd_evaluate(args, captioner=None) -> dict:
     if args.json:
         print(json.dumps({"split": args.split, "images": len(per_image), "scores": scores}, indent=2))
     else:
+        from .calibration import closing_report
+
         print(f"{len(per_image)} '{args.split}' images of {features}, captioned by {decode.method} decoding "
-              "(scores x100):")
-        print(results_table(scores).to_string())
+              "(scores x100), beside what a reference caption, shuffled references and the most frequent caption "
+              "score:")
+        table, what_next = closing_report(captioner, cache, scores, per_image, clip_score=args.clip_score,
+                                          metrics=args.metrics or METRICS)
+        print(table.to_string())
+        print(what_next)
     if args.out:
         print(f"scores and per-image captions written to {args.out}", file=sys.stderr if args.json else sys.stdout)
     return scores
@@ -252,10 +261,8 @@ def cmd_bench(args) -> None:
     """Each benchmark measures ours and the ClipCap way in the same run and writes a results table."""
     from . import bench
     from .bench_training import bench_training
-    from .paths import models_dir as default_models_dir
-
     device, out = args.device or "auto", Path(args.out)
-    models_dir = default_models_dir()
+    models_dir = None  # the stand-ins' per-machine folder (standins.standins_home())
     if args.what == "gpu":
         bench.bench_gpu(args.quick, device, args.precision, args.compile, models_dir=models_dir, out_dir=out)
         return

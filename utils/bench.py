@@ -168,7 +168,7 @@ def bench_features(n_images: int = 64, device: str = "auto", batch_size: int = 6
 
 # ---- the models and data of the training and captioning benches --------------------------------------
 
-def bench_models(arch: str, device: torch.device, models_dir: Path, clipcap: bool = True):
+def bench_models(arch: str, device: torch.device, models_dir: Path | None = None, clipcap: bool = True):
     """(ours, ClipCap's) captioners: the course default (6-layer transformer mapper, prefix 10, GPT-2 with its
     last 2 blocks trained) at real size or tiny, random init, identical weights. Ours loads its LM through
     `load_language_model` as training does (fused GELU); ClipCap's through plain `from_pretrained` (gelu_new)."""
@@ -226,13 +226,13 @@ def bench_captions(n: int, vocab: int, eos: int, seed: int = 0) -> list[list[int
 # ---- captioning ------------------------------------------------------------------------------------
 
 def bench_captioning(images: int = 32, baseline_images: int = 4, max_tokens: int = 20, device: str = "auto",
-                     arch: str = "real", models_dir: str | Path = "data/models",
+                     arch: str = "real", models_dir: str | Path | None = None,
                      out_dir: str | Path = "bench/results") -> dict:
     """Captions/s, greedy and beam 5: ours (`generate()` on a batch, KV cache) vs ClipCap's mechanics (one image
     at a time, the full sequence recomputed each step). The baseline runs on fewer images: its rate per
     caption does not depend on how many there are, and it is slow. Both in fp32."""
     device = resolve_device(device)
-    captioner = bench_models(arch, device, Path(models_dir), clipcap=False)[0].eval()
+    captioner = bench_models(arch, device, models_dir, clipcap=False)[0].eval()
     clip = torch.randn(images, captioner.config.clip_dim, device=device)
     eos = captioner.tokenizer.eos_token_id
 
@@ -286,7 +286,7 @@ GPU_PLAN = {  # quick: the same code on the CPU in seconds, for the test suite
 
 def bench_gpu(quick: bool = False, device: str = "auto", precision: str = "auto", compile: bool = False,
               parts: tuple[str, ...] = ("features", "training", "captioning"),
-              models_dir: str | Path = "data/models", out_dir: str | Path = "bench/results") -> dict:
+              models_dir: str | Path | None = None, out_dir: str | Path = "bench/results") -> dict:
     """Features, the training step at several batch sizes (ClipCap's mechanics at its batch 40), captioning,
     MFU and peak memory, each written to out_dir, then a summary `gpu-<device>.md/.json`. A run with
     --precision fp16 takes the T4/P100 path (fp16, loss scaling); --compile times torch.compile's step."""

@@ -104,7 +104,7 @@ def _pipeline_summary(name, batch_size, wall, host, flops_per_batch, peak_gib, p
 
 
 def bench_training(steps: int = 30, batch_size: int = 40, device: str = "auto", arch: str = "real",
-                   models_dir: str | Path = "data/models", out_dir: str | Path = "bench/results",
+                   models_dir: str | Path | None = None, out_dir: str | Path = "bench/results",
                    precision: str = "auto", batch_sizes: list[int] | None = None, warmup: int = 2,
                    compile: bool = False, baseline: bool = True, suffix: str = "") -> dict:
     """Samples/s per training step: ours (the step train() runs, length-bucketed batches, the lean forward,
@@ -123,7 +123,7 @@ def bench_training(steps: int = 30, batch_size: int = 40, device: str = "auto", 
         raise ValueError(f"torch.compile is not supported on {device} here (a GPU of compute capability 7.0 or "
                          "more is needed): leave --compile off.")
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
-    ours, base = bench_models(arch, device, Path(models_dir), clipcap=baseline)
+    ours, base = bench_models(arch, device, models_dir, clipcap=baseline)
     sizes = batch_sizes or [batch_size]
     cfg = TrainConfig(batch_size=sizes[0], **BENCH_SCHEDULE)
     total = warmup + steps

@@ -122,7 +122,8 @@ def run_course(data: DataConfig | None = None, features: FeatureConfig | None = 
     train.out_dir, else <data>/runs/<dataset>-<mapper>. Returns the paths made and the scores.
     """
     from .captioner import Captioner
-    from .evaluation import METRICS, evaluate_split, results_table
+    from .calibration import closing_report
+    from .evaluation import METRICS, evaluate_split
     from .features import cache_features, default_cache_dir, load_cache
     from .runtime import resolve_device
     from .training import TrainingError
@@ -200,8 +201,11 @@ def run_course(data: DataConfig | None = None, features: FeatureConfig | None = 
     say("== 5/5 evaluate ==")
     out = run / "results-test.json"
     course.scores, per_image = evaluate_split(captioner, cache, "test", decode, True, out, METRICS)
-    say(f"{len(per_image)} 'test' images of {cache_dir}, captioned by {decode.method} decoding (scores x100):")
-    say(results_table(course.scores).to_string())
+    say(f"{len(per_image)} 'test' images of {cache_dir}, captioned by {decode.method} decoding (scores x100), "
+        "beside what a reference caption, shuffled references and the most frequent caption score:")
+    table, what_next = closing_report(captioner, cache, course.scores, per_image)
+    say(table.to_string())
+    say(what_next)
     say(f"scores and per-image captions written to {out}")
     say("done: " + ", ".join(f"{stage} {what}" for stage, what in done.items()))
     return course
