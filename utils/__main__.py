@@ -176,8 +176,7 @@ def cmd_evaluate(args, captioner=None) -> dict:
         from .calibration import closing_report
 
         print(f"{len(per_image)} '{args.split}' images of {features}, captioned by {decode.method} decoding "
-              "(scores x100), beside what a reference caption, shuffled references and the most frequent caption "
-              "score:")
+              "(scores x100):")
         table, what_next = closing_report(captioner, cache, scores, per_image, clip_score=args.clip_score,
                                           metrics=args.metrics or METRICS)
         print(table.to_string())

@@ -201,8 +201,7 @@ def run_course(data: DataConfig | None = None, features: FeatureConfig | None = 
     say("== 5/5 evaluate ==")
     out = run / "results-test.json"
     course.scores, per_image = evaluate_split(captioner, cache, "test", decode, True, out, METRICS)
-    say(f"{len(per_image)} 'test' images of {cache_dir}, captioned by {decode.method} decoding (scores x100), "
-        "beside what a reference caption, shuffled references and the most frequent caption score:")
+    say(f"{len(per_image)} 'test' images of {cache_dir}, captioned by {decode.method} decoding (scores x100):")
     table, what_next = closing_report(captioner, cache, course.scores, per_image)
     say(table.to_string())
     say(what_next)
