@@ -266,9 +266,10 @@ def test_damaged_bundle_is_refused_by_caption(trained, data_dir, tmp_path, damag
 
 def test_diverging_training_stops_with_the_checkpoint_intact(small_cache, data_dir, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(*_train_args(small_cache, out, "--lr", "1e4", "--max-steps", "40", "--warmup-steps", "1"),
-                   data_dir=data_dir, check=False)
+    proc = run_cli(*_train_args(small_cache, out, "--lr", "30", "--max-steps", "40", "--warmup-steps", "1"),
+                   data_dir=data_dir, check=False)  # lr 30: a checkpoint at step 2, then the gradients overflow
     _refused(proc, "training diverged", "lower --lr")
+    assert "checkpoint at step 2" in proc.stdout + proc.stderr
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in checkpoint["trainable"].values())
 

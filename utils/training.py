@@ -180,13 +180,19 @@ def train_step(model, optimizer, accelerator, micro_batches: list[tuple], lr: fl
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
     loss = float(loss_sum) / max(int(tokens), 1)
     if not math.isfinite(loss) and accelerator.mixed_precision != "fp16":
-        raise TrainingError(f"the loss became {loss} at step {step}: training diverged, and nothing from this step "
-                            "on was saved (the last checkpoint is intact). Start a new run (another --out-dir) with "
-                            "a lower --lr or a longer --warmup-steps: --resume keeps the settings that diverged.")
+        raise TrainingError(diverged(f"the loss became {loss} at step {step}"))
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+    if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16: the scaler skips the step
+        raise TrainingError(diverged(f"the gradients became {grad_norm} at step {step}"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
+
+
+def diverged(what: str) -> str:
+    return (f"{what}: training diverged, and nothing from this step on was saved (any earlier checkpoint is "
+            "intact). Start a new run (another --out-dir) with a lower --lr or a longer --warmup-steps: --resume "
+            "keeps the settings that diverged.")
 
 
 def count_skipped(state: dict, loss: float, precision: str) -> None:
@@ -283,6 +289,8 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
         f"(LR schedule over {decay_steps}), precision {accelerator.mixed_precision}, {world} process(es) on {device}")
 
     def save(name: str = "checkpoint.pt", quiet: bool = False) -> None:
+        if any(not torch.isfinite(p).all() for p in captioner.trainable_state().values()):  # never save lost weights
+            raise TrainingError(diverged(f"the weights became non-finite by step {state['step']}"))
         if accelerator.is_main_process:
             path = out / name
             _save_checkpoint(path, captioner, optimizer, accelerator, state, cfg, cache, resumable=name != "best.pt")
