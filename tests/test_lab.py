@@ -116,7 +116,8 @@ def test_jupyterlab_opens_a_notebook_with_the_course_kernel(tmp_path):
         with urllib.request.urlopen(f"{base}/api/sessions?token={token}", timeout=10) as r:
             sessions = json.load(r)
         assert [s["kernel"]["name"] for s in sessions] == ["python3"]
-        assert sessions[0]["path"].endswith("01_setup_and_data.ipynb")
+        # the session names its notebook by path, or (newer jupyter_server, files by id) by name or notebook entry
+        assert "01_setup_and_data.ipynb" in json.dumps(sessions[0]), sessions
     finally:
         server.terminate()
         try:
