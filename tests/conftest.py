@@ -77,6 +77,32 @@ def embedded_set(folder: Path, n_images: int, seed: int) -> dict[str, list[str]]
     return captions
 
 
+def lm_without_dropout(dest: Path) -> Path:
+    """The stand-in GPT-2 copied to `dest` with its dropout off: runs that must end with equal weights
+    (two processes vs one with accumulation) cannot draw dropout masks in different orders."""
+    import json
+    import shutil
+
+    from utils import standins
+
+    lm = shutil.copytree(standins.gpt2_dir(), dest)
+    config = json.loads((lm / "config.json").read_text())
+    (lm / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}))
+    return lm
+
+
+def assert_same_weights_and_losses(a_dir: Path, b_dir: Path) -> None:
+    """Two training runs' last checkpoints hold the same trainable weights and logged the same losses."""
+    import torch
+
+    a = torch.load(a_dir / "checkpoint.pt", weights_only=True)
+    b = torch.load(b_dir / "checkpoint.pt", weights_only=True)
+    for name, tensor in b["trainable"].items():
+        torch.testing.assert_close(a["trainable"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    loss = [r["loss"] for r in a["state"]["history"]["train"]]
+    assert loss == pytest.approx([r["loss"] for r in b["state"]["history"]["train"]], rel=1e-5)
+
+
 def cli_env(data_dir: Path) -> dict[str, str]:
     """The environment of every `python -m utils` a test starts: offline, data under `data_dir`, and one
     thread, as the in-process tests compute (`one_thread`): float sums then round the same way in every

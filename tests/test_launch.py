@@ -3,24 +3,18 @@ two CPU processes here, ends with the weights and logged losses of one process w
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import torch
 
-from conftest import ROOT, cli_env, run_cli
-from utils import standins
+from conftest import ROOT, assert_same_weights_and_losses, cli_env, lm_without_dropout, run_cli
 
 
 @pytest.mark.slow
 def test_notebook_launcher_two_processes_equal_one_with_accumulation(small_cache, data_dir, models_dir, tmp_path):
-    lm = shutil.copytree(standins.gpt2_dir(models_dir), tmp_path / "lm-no-dropout")
-    config = json.loads((lm / "config.json").read_text())
-    (lm / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}))
+    lm = lm_without_dropout(tmp_path / "lm-no-dropout")
     # as notebook 03's training cell: settings as dataclasses, one call, in a fresh kernel (here a fresh process)
     script = textwrap.dedent(f"""
         import dataclasses
@@ -41,9 +35,4 @@ def test_notebook_launcher_two_processes_equal_one_with_accumulation(small_cache
     run_cli("train", "--features", str(small_cache), "--max-steps", "6", "--batch-size", "8", "--num-layers", "1",
             "--dropout", "0", "--warmup-steps", "2", "--log-every", "1", "--lm", str(lm), "--device", "cpu",
             "--grad-accum", "2", "--out-dir", str(tmp_path / "one"), data_dir=data_dir)
-    a = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
-    for name, tensor in b["trainable"].items():
-        torch.testing.assert_close(a["trainable"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    loss = [r["loss"] for r in a["state"]["history"]["train"]]
-    assert loss == pytest.approx([r["loss"] for r in b["state"]["history"]["train"]], rel=1e-5)
+    assert_same_weights_and_losses(tmp_path / "two", tmp_path / "one")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +12,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TouchWhenUnpickled, cli_env, quick_train_config, run_cli
-from utils import standins
+from conftest import (ROOT, TouchWhenUnpickled, assert_same_weights_and_losses, cli_env, lm_without_dropout,
+                      quick_train_config, run_cli)
 from utils.captioner import Captioner, load_language_model
 from utils.config import ModelConfig, RuntimeConfig, TrainConfig, standin_preset
 from utils.features import load_cache
@@ -188,9 +186,7 @@ def test_two_processes_train_as_one_with_gradient_accumulation(small_cache, data
     """Kaggle's 2xT4 path, on two CPU processes (torchrun, gloo): each process takes every other batch and
     their gradients are averaged, which is what one process does with --grad-accum 2. Dropout is off in
     the mapper and the LM, so the two runs must end with the same weights and log the same losses."""
-    lm = shutil.copytree(standins.gpt2_dir(models_dir), tmp_path / "lm-no-dropout")
-    config = json.loads((lm / "config.json").read_text())
-    (lm / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}))
+    lm = lm_without_dropout(tmp_path / "lm-no-dropout")
     args = ["train", "--features", str(small_cache), "--max-steps", "6", "--batch-size", "8", "--num-layers", "1",
             "--dropout", "0", "--warmup-steps", "2", "--checkpoint-every", "3", "--log-every", "1", "--lm", str(lm),
             "--device", "cpu"]
@@ -201,10 +197,5 @@ def test_two_processes_train_as_one_with_gradient_accumulation(small_cache, data
     assert two.stdout.count("2 process(es)") == 1 and two.stdout.count("trained 6 steps") == 1, two.stdout
     run_cli(*args, "--grad-accum", "2", "--out-dir", str(tmp_path / "one"), data_dir=data_dir)
 
-    a = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
-    for name, tensor in b["trainable"].items():
-        torch.testing.assert_close(a["trainable"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    loss = [r["loss"] for r in a["state"]["history"]["train"]]
-    assert loss == pytest.approx([r["loss"] for r in b["state"]["history"]["train"]], rel=1e-5)
+    assert_same_weights_and_losses(tmp_path / "two", tmp_path / "one")
     assert Captioner.from_pretrained(tmp_path / "two" / "captioner").config.dropout == 0
