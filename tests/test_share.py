@@ -132,3 +132,15 @@ def test_from_pretrained_takes_the_single_file(bundle, tmp_path, monkeypatch):
     archive = export_file(bundle, tmp_path / "b.clipcap")
     captioner = Captioner.from_pretrained(archive)
     assert captioner.generate(torch.zeros(1, 64))
+
+
+def test_a_mistyped_local_bundle_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from utils.share import parse_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert parse_source("runs/captionr") == ("folder", "runs/captionr")  # "runs" is here: a local path
+    assert parse_source("alice/clipcap-shapes") == ("hub", "alice/clipcap-shapes")  # no folder "alice": the Hub
+    assert parse_source("hub:runs/x") == ("hub", "runs/x")  # said explicitly
+    with pytest.raises(Exception, match="not a captioner bundle"):
+        Captioner.from_pretrained("runs/captionr")

@@ -134,7 +134,9 @@ def parse_source(source: str) -> tuple[str, str]:
         return "folder", str(path)
     if path.is_file():
         return "file", str(path)
-    if _HUB_ID.match(source) and not source.startswith((".", "~")):
+    # user/name is a Hub id unless it reads as a local path: a folder "user" here means a mistyped local
+    # bundle, which should be told it is not there rather than be looked up on the Hub
+    if _HUB_ID.match(source) and not source.startswith((".", "~")) and not path.parent.exists():
         return "hub", source
     return "folder", str(path)
 
