@@ -75,11 +75,8 @@ def test_load_by_hub_id_from_the_hub_cache(bundle, tmp_path, monkeypatch):
     shutil.copytree(bundle, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as hc
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))  # read once at import: the cache this test laid out
     path = resolve_bundle("alice/clipcap-shapes", offline=True)
     assert path == repo / "snapshots" / commit
     assert _captions(path) == _captions(bundle)

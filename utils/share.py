@@ -162,21 +162,15 @@ def _from_hub(repo_id: str, offline: bool) -> Path:
 
     if not _HUB_ID.match(repo_id):
         raise ShareError(f"{repo_id!r} is not a Hugging Face Hub id: write it as user/name.")
-    old = os.environ.get("HF_HUB_OFFLINE")
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        return Path(snapshot_download(repo_id))
+    try:  # offline: only what the Hub's cache on this machine holds, never a request
+        return Path(snapshot_download(repo_id, local_files_only=offline))
     except Exception as exc:  # offline and not cached, no such repo, no network: one message for each
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        where = ("this machine is offline and the Hub's cache on it does not hold it" if offline
-                 or os.environ.get("HF_HUB_OFFLINE") == "1" else "the Hub did not give it")
+        where = "this machine is offline and the Hub's cache on it does not hold it" if offline else \
+            "the Hub did not give it"
         raise ShareError(f"cannot load the captioner hub:{repo_id}: {where} ({reason}). Check the id, or "
                          "download the bundle where there is network (`huggingface-cli download "
                          f"{repo_id} --local-dir captioner`) and pass that folder.") from None
-    finally:
-        if offline:
-            os.environ.pop("HF_HUB_OFFLINE", None) if old is None else os.environ.__setitem__("HF_HUB_OFFLINE", old)
 
 
 def _from_kaggle(handle: str, offline: bool) -> Path:
