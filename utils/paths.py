@@ -34,6 +34,13 @@ def default_data_dir() -> str:
     return str(Path.cwd() / "data")
 
 
+def user_cache(override_env: str) -> Path:
+    """The course's per-machine folder outside any data folder (the stand-ins, unpacked .clipcap files):
+    `$override_env`, else `$XDG_CACHE_HOME/clipcap-course`, else `~/.cache/clipcap-course`."""
+    base = os.environ.get(override_env) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipcap-course"
+    return Path(base).expanduser()
+
+
 def data_dir(given: str | Path | None = None) -> Path:
     """The data folder: `given`, else the default one."""
     return Path(given or default_data_dir())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 from .files import atomic_dir, atomic_path
+from .paths import user_cache
 
 ARCHIVE_SUFFIX = ".clipcap"
 ARCHIVE_VERSION = 1
@@ -41,8 +41,7 @@ class ShareError(ValueError):
 
 def user_cache_dir() -> Path:
     """The per-machine cache of the course (unpacked archives): CLIPCAP_CACHE, else XDG's, else ~/.cache."""
-    root = os.environ.get("CLIPCAP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipcap-course"
-    return Path(root)
+    return user_cache("CLIPCAP_CACHE")
 
 
 def _is_bundle(path: Path) -> bool:

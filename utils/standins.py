@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from .files import atomic_path, write_json
+from .paths import user_cache
 
 STANDIN_PREFIX = "standin:"
 EOS = "<|endoftext|>"
@@ -101,8 +102,7 @@ def standins_home() -> Path:
     """The folder the stand-in models are built in, once per machine, and read from by every data folder:
     `$CLIPCAP_STANDINS`, else `$XDG_CACHE_HOME/clipcap-course`, else `~/.cache/clipcap-course` (a
     `standins-v<N>` folder inside, so a course with other stand-ins never reads these)."""
-    base = os.environ.get(STANDINS_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipcap-course"
-    return Path(base).expanduser() / f"standins-v{_STANDINS_VERSION}"
+    return user_cache(STANDINS_ENV) / f"standins-v{_STANDINS_VERSION}"
 
 
 def _folder(models_dir: str | Path | None) -> Path:
