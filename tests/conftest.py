@@ -103,6 +103,16 @@ def assert_same_weights_and_losses(a_dir: Path, b_dir: Path) -> None:
     assert loss == pytest.approx([r["loss"] for r in b["state"]["history"]["train"]], rel=1e-5)
 
 
+def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """End a server a test started: SIGTERM, then SIGKILL if it has not gone within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
 def cli_env(data_dir: Path) -> dict[str, str]:
     """The environment of every `python -m utils` a test starts: offline, data under `data_dir`, and one
     thread, as the in-process tests compute (`one_thread`): float sums then round the same way in every

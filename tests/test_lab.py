@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, stop
 
 CHROMIUM = Path("/usr/bin/chromium")
 HOOK = ROOT / ".githooks" / "pre-commit"
@@ -119,8 +119,4 @@ def test_jupyterlab_opens_a_notebook_with_the_course_kernel(tmp_path):
         # the session names its notebook by path, or (newer jupyter_server, files by id) by name or notebook entry
         assert "01_setup_and_data.ipynb" in json.dumps(sessions[0]), sessions
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server, timeout=20)

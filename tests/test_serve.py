@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, run_cli, stop
 from utils.captioner import Captioner
 from utils.config import DecodeConfig, RuntimeConfig, standin_preset
 from utils.controls import KNOBS, table_json
@@ -263,12 +263,7 @@ def server(bundle, data_dir, tmp_path):
         yield url
         assert proc.poll() is None, f"serve stopped during the test:\n{log_path.read_text()}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        stop(proc)
 
 
 def shown(page, name: str, call: str) -> list[str]:
