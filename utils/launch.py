@@ -41,9 +41,10 @@ def train_everywhere(cache_path: str | Path, model_cfg: ModelConfig = ModelConfi
     from accelerate import notebook_launcher
     from accelerate.state import AcceleratorState
 
-    n = visible_gpus() if processes is None else processes
+    gpus = visible_gpus()
+    n = gpus if processes is None else processes
     if n <= 1:
-        if processes is None and visible_gpus() == 1:
+        if processes is None and gpus == 1:
             print("one GPU: training in this kernel")
         return train(cache_path, model_cfg, cfg, runtime, data_dir)
     if AcceleratorState._shared_state:
@@ -56,7 +57,7 @@ def train_everywhere(cache_path: str | Path, model_cfg: ModelConfig = ModelConfi
 
     dataset = load_cache(cache_path).meta["dataset"]
     out = Path(cfg.out_dir or run_dir(data_dir, dataset, model_cfg.mapper))
-    print(f"training with {n} processes (one per {'GPU' if visible_gpus() >= n else 'CPU process'}); "
+    print(f"training with {n} processes (one per {'GPU' if gpus >= n else 'CPU process'}); "
           f"each takes every other batch, gradients averaged")
     notebook_launcher(_train_process, args=(str(cache_path), model_cfg, cfg, runtime, str(data_dir)),
                       num_processes=n)
