@@ -54,7 +54,8 @@ def cmd_info(args) -> None:
 
 
 def cmd_download(args):
-    from .course import downloadable, load_captions
+    from .course import load_captions
+    from .download import downloadable
 
     data, runtime = from_arguments(DataConfig, args), _runtime(args)
     if data.dataset == "coco" and not data.path:  # COCO by its URLs; then the reader takes what came

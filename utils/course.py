@@ -41,13 +41,6 @@ def default_configs(offline: bool) -> tuple[ModelConfig, TrainConfig]:
     return standin_preset() if offline else (ModelConfig(), TrainConfig())
 
 
-def downloadable(dataset: str) -> bool:
-    """Whether the course fetches `dataset` itself (the rest are read from the user's own files)."""
-    from .download import KAGGLE_DATASETS
-
-    return dataset == "embedded" or dataset in KAGGLE_DATASETS
-
-
 def load_captions(data: DataConfig, runtime: RuntimeConfig, say=print):
     """The records of the chosen dataset, downloaded first where it is one the course can fetch;
     returns (records, the downloaded folder or None)."""

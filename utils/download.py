@@ -110,11 +110,16 @@ def find_attached(dataset: str, input_root: str | Path | None = None) -> Path | 
     return None
 
 
+def downloadable(dataset: str) -> bool:
+    """Whether the course fetches `dataset` itself (the rest are read from the user's own files)."""
+    return dataset == "embedded" or dataset in KAGGLE_DATASETS
+
+
 def dataset_root(data, offline: bool) -> Path | None:
     """The folder a downloadable dataset lies in (found or fetched), or None when it is read from the
     user's own files: a format that has no download, or --path naming a copy already on disk (then
     nothing is downloaded, online or not)."""
-    if data.dataset != "embedded" and (data.path or data.dataset not in KAGGLE_DATASETS):
+    if not downloadable(data.dataset) or (data.dataset != "embedded" and data.path):
         return None
     return download(data.dataset, data.data_dir, offline=offline)
 
