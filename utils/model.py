@@ -263,8 +263,10 @@ class CaptionModel(nn.Module):
             labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)  # (B, P + T)
             return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-        logits = head(hidden[:, P - 1:-1])  # (B, T, vocab): the hidden state at P - 1 + t predicts caption token t
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        # the hidden state at P - 1 + t predicts caption token t; made one contiguous (B * T, D) matrix first, so
+        # the head is one large matmul (on the strided 3-D slice torch runs B small ones, ~2.5x slower on a CPU)
+        hidden = hidden[:, P - 1:-1].reshape(-1, hidden.shape[-1])  # (B * T, D)
+        return F.cross_entropy(head(hidden).float(), labels.flatten(), ignore_index=-100)  # logits (B * T, vocab)
 
     @torch.no_grad()
     def generate(self, clip_embed, decode: DecodeConfig | None = None, batch_size: int = 64,
