@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import ROOT, cli_env
-from utils.bench import bench_captions, bench_models, compile_supported, training_precision
+from utils.bench import bench_captions, bench_models, training_precision
+from utils.runtime import compile_supported
 from utils.bench_clipcap import clipcap_loss, clipcap_max_seq_len, clipcap_pad
 from utils.bench_training import real_token_flops
 from utils.captioner import Captioner, load_language_model

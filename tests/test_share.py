@@ -4,7 +4,6 @@ exactly as the clients write them; publishing offline is refused with one messag
 
 from __future__ import annotations
 
-import os
 import shutil
 import zipfile
 

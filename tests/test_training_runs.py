@@ -19,7 +19,7 @@ import torch
 from conftest import ROOT, cli_env, quick_train_config, run_cli
 from utils.captioner import Captioner, load_language_model
 from utils.config import ConfigError, DecodeConfig, ModelConfig, RuntimeConfig, TrainConfig, standin_preset
-from utils.training import (MAX_SKIPPED_STEPS, TrainingError, count_skipped, get_lr, load_trainable, train,
+from utils.training import (MAX_SKIPPED_STEPS, TrainingError, check_steps, get_lr, load_trainable, train,
                             train_step, warmup_for)
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
@@ -155,7 +155,7 @@ def test_every_train_flag_is_described_with_its_default(data_dir):
             if f.name == "clip_dim":
                 continue
             flag = "--" + f.name.replace("_", "-")
-            found = re.search(r"^ +" + re.escape(flag) + r"[ ,\n]", out, re.MULTILINE)  # where its entry starts
+            found = re.search(r"^  " + re.escape(flag) + r"[ ,\n]", out, re.MULTILINE)  # its entry: 2 spaces in
             assert found, flag
             text = " ".join(out[found.start():].split())
             assert f.metadata["help"][:20] in text[:400] and "(default:" in text[:600], flag
@@ -190,14 +190,15 @@ def test_a_warmup_longer_than_a_third_of_the_schedule_is_shortened_and_said(smal
 
 
 def test_a_streak_of_skipped_fp16_steps_stops_the_run():
-    state = {"step": 0}
-    for step in range(MAX_SKIPPED_STEPS - 1):
-        count_skipped(state, float("nan"), "fp16")
-    count_skipped(state, 1.0, "fp16")  # one finite loss: the scaler recovered
-    for step in range(MAX_SKIPPED_STEPS - 1):
-        count_skipped(state, float("inf"), "fp16")
-    with pytest.raises(TrainingError, match=f"not finite for {MAX_SKIPPED_STEPS} steps in a row"):
-        count_skipped(state, float("nan"), "fp16")
+    """Read at log steps, as train() does: the steps' losses stay on the device until check_steps reads them."""
+    state, nan, inf, one = {}, torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor(1.0)
+    steps = [(i, nan, one) for i in range(MAX_SKIPPED_STEPS - 1)] + [(MAX_SKIPPED_STEPS - 1, one, one)]
+    assert len(check_steps(state, steps, "fp16")) == MAX_SKIPPED_STEPS and not steps, "the pending steps are read"
+    check_steps(state, [(MAX_SKIPPED_STEPS + i, inf, one) for i in range(MAX_SKIPPED_STEPS - 1)], "fp16")
+    with pytest.raises(TrainingError, match=f"not finite for {MAX_SKIPPED_STEPS} steps in a row \\(up to step 49;"):
+        check_steps(state, [(2 * MAX_SKIPPED_STEPS - 1, nan, one)], "fp16")
+    with pytest.raises(TrainingError, match="the loss became nan at step 3: training diverged"):
+        check_steps({}, [(2, one, one), (3, nan, one), (4, nan, one)], "fp32")
 
 
 # ---------------------------------------------------------------------------- the step, the LM's mode
@@ -235,7 +236,7 @@ def test_the_loss_is_per_token_over_the_accumulated_step(tiny):
         micro = [(clip[s], *model.pad(ids_lists[s])) for s in split]
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
         model.train()
-        loss, norm = train_step(model, optimizer, accelerator, micro, lr=1.0, cfg=TrainConfig(grad_clip=0))
+        loss, norm = map(float, train_step(model, optimizer, accelerator, micro, lr=1.0, cfg=TrainConfig(grad_clip=0)))
         results.append((loss, norm, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
     (loss_one, norm_one, w_one), (loss_two, norm_two, w_two) = results
     assert loss_two == pytest.approx(loss_one, rel=1e-5) and norm_two == pytest.approx(norm_one, rel=1e-4)
@@ -331,3 +332,10 @@ def test_a_deepspeed_zero_checkpoint_is_refused_on_resume_by_name(small_cache, d
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"cannot resume {out / 'checkpoint.pt'}" in proc.stderr and "DeepSpeed ZeRO" in proc.stderr
     assert (out / "checkpoint.pt").read_bytes() == before  # nothing lost
+
+
+def test_compile_is_refused_where_it_cannot_run(small_cache, data_dir, tmp_path):
+    """--compile is for GPUs of compute capability 7.0+; elsewhere it is refused before any work starts."""
+    with pytest.raises(TrainingError, match="--compile: torch.compile needs a GPU of compute capability 7.0"):
+        train(small_cache, _model(), quick_train_config(tmp_path / "run", compile=True), OFFLINE, data_dir)
+    assert not (tmp_path / "run").exists()

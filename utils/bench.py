@@ -39,11 +39,6 @@ def training_precision(device: torch.device, precision: str = "auto") -> str:
     return mixed_precision(precision, device)
 
 
-def compile_supported(device: torch.device) -> bool:
-    """torch.compile's GPU code (Triton) needs compute capability 7.0 or more: never on a P100 (6.0)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
-
-
 def machine_info(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()
             or platform.machine(), "cpu_threads": torch.get_num_threads(), "device": str(device)}

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import (CAPTIONS_PER_IMAGE, FLICKR30K_TRAIN_CAPTIONS, bench_captions, bench_models, compile_supported,
+from .bench import (CAPTIONS_PER_IMAGE, FLICKR30K_TRAIN_CAPTIONS, bench_captions, bench_models,
                     machine_info, machine_line, peak_tflops, training_precision, write_results)
 from .bench_clipcap import clipcap_max_seq_len, clipcap_optimizer, clipcap_pad, clipcap_step
-from .runtime import resolve_device
+from .runtime import compile_supported, resolve_device, to_device
 
 # Both pipelines, same schedule: short warm-up and a high rate, so that 30-odd steps visibly lower the loss.
 BENCH_SCHEDULE = dict(lr=3e-4, warmup_steps=5, decay="constant")
@@ -45,17 +45,11 @@ def real_token_flops(captioner, lengths=(8, 16, 24)) -> np.poly1d:
 def ours_step(model, captioner, accelerator, optimizer, clip_embed, token_lists, lr: float, cfg):
     """Our real training step: pad to the batch's longest caption, then `training.train_step` (forward with the
     LM head and loss on caption positions only, per-token loss, accelerator.backward, gradient clipping, AdamW,
-    zero_grad), exactly as train() calls it. Returns (loss, grad_norm) as floats."""
+    zero_grad), exactly as train() calls it. Returns (loss, grad_norm), 0-d tensors on the device."""
     from .training import train_step
 
-    ids, mask, labels = (to_device(t, accelerator.device) for t in captioner.pad(token_lists))
+    ids, mask, labels = captioner.pad(token_lists, accelerator.device)
     return train_step(model, optimizer, accelerator, [(clip_embed, ids, mask, labels)], lr, cfg)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor onto the GPU without a host sync (a plain `.to(device)` waits for the copy, and so for all
-    the GPU work queued before it): through pinned memory, asynchronously."""
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
 class _StepClock:

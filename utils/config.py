@@ -201,6 +201,8 @@ class TrainConfig(Settings):
     weight_decay: float = setting(0.01, "AdamW weight decay, on matrices only", min=0)
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)", min=0)
     precision: Precision = setting("auto", "auto: bf16 where the GPU has it, else fp16 on a GPU, fp32 on CPU")
+    compile: bool = setting(False, "torch.compile the captioner: faster steps after a few minutes of compiling; "
+                                   "GPUs of compute capability 7.0+ only (a T4, never a P100)")
     max_steps: int | None = setting(None, "stop after this many optimiser steps (the LR schedule stays that of the "
                                           "whole run, so --resume continues it exactly)", min=1)
     eval_every: int = setting(0, "validation every N steps (0: at the end of each epoch)", min=0)

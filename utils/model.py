@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import DecodeConfig, ModelConfig, decode_config
 from .mapper import build_mapper
-from .runtime import announce_offline
+from .runtime import announce_offline, to_device
 from .standins import STANDIN_PREFIX, gpt2_dir, t5_dir
 
 
@@ -224,7 +224,7 @@ class CaptionModel(nn.Module):
             ids[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
         labels = ids.masked_fill(mask == 0, -100)
-        return ids.to(device), mask.to(device), labels.to(device)
+        return to_device(ids, device), to_device(mask, device), to_device(labels, device)
 
     # ---- model --------------------------------------------------------------------------------------
     def prefix(self, clip_embed: torch.Tensor) -> torch.Tensor:

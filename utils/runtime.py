@@ -81,6 +81,20 @@ def resolve_device(device: str = "auto"):
     return torch.device(device)
 
 
+def to_device(tensor, device):
+    """A host tensor onto `device` (None: left where it is). Onto a GPU through pinned memory and without
+    waiting: a plain `.to("cuda")` from pageable memory waits for the copy, and so for all the GPU work
+    queued before it, a host sync per batch. Every batch the course puts on a device goes through here."""
+    import torch
+
+    if device is None:
+        return tensor
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def check_gpu(device=None) -> None:
     """Raise GPUUnsupported, with the fix, when this torch build has no kernels for the GPU present."""
     import torch
@@ -104,6 +118,14 @@ def check_gpu(device=None) -> None:
         "  - keep the P100 and install a CUDA 12.6 build in the first cell, then restart the kernel:\n"
         "      pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126\n"
         "  - or run on the CPU with --device cpu (slow).")
+
+
+def compile_supported(device) -> bool:
+    """torch.compile's GPU code (Triton) needs compute capability 7.0 or more: a T4 (7.5) has it, never a
+    P100 (6.0). On a CPU it would need a C++ toolchain and gains little here: the course offers it on GPUs."""
+    import torch
+
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 def supports_bf16(device) -> bool:

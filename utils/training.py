@@ -39,12 +39,12 @@ from .model import load_language_model
 from .paths import models_dir, run_dir
 from .schedule import (MAX_WARMUP_SHARE, epoch_order, epoch_steps, get_lr,  # noqa: F401
                        length_bucketed_batches, padding_share, run_steps, warmup_for)
-from .runtime import is_offline, mixed_precision, resolve_device
+from .runtime import compile_supported, is_offline, mixed_precision, resolve_device, to_device
 
 CHECKPOINT_VERSION = 2  # 2: the schedule's horizon is recorded; best.pt holds no optimiser state
 # TrainConfig fields a resumed run may change without changing what it computes.
 _FREE_ON_RESUME = {"resume", "max_steps", "out_dir", "checkpoint_every", "checkpoint_minutes", "log_every",
-                   "eval_every", "num_workers", "watch_images", "collapse_warning", "patience"}
+                   "eval_every", "num_workers", "watch_images", "collapse_warning", "patience", "compile"}
 COLLAPSE_EVALS = 3  # evaluations in a row the captions must stay collapsed before the run warns
 MAX_SKIPPED_STEPS = 25  # fp16: this many non-finite losses in a row stop the run (the scaler halves each time)
 
@@ -134,22 +134,25 @@ def build_captioner(model_cfg: ModelConfig, cache: FeatureCache, runtime: Runtim
 @torch.no_grad()
 def evaluate_loss(model, captioner: Captioner, features: torch.Tensor, split: Split, batch_size: int,
                   device) -> float:
+    """Mean loss per caption token over `split`, summed on the device and read back once."""
     model.eval()
-    total, count = 0.0, 0
+    total = count = torch.zeros((), device=features.device)
     for start in range(0, len(split), batch_size):
         rows = split.rows[start:start + batch_size]
         ids, mask, labels = captioner.pad(split.tokens[start:start + batch_size], device)
-        n = int((labels != -100).sum())
-        total += float(model(features[rows.to(device)], ids, mask, labels)) * n
-        count += n
+        n = (labels != -100).sum()
+        total = total + model(features[to_device(rows, device)], ids, mask, labels).float() * n
+        count = count + n
     model.train()
-    return total / max(count, 1)
+    return float(total / count.clamp(min=1))
 
 
 def train_step(model, optimizer, accelerator, micro_batches: list[tuple], lr: float, cfg: TrainConfig,
-               step: int = 0) -> tuple[float, float]:
+               step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step over `grad_accum` micro-batches, each (clip_embed (B, clip_dim), input_ids (B, T),
-    attention_mask (B, T), labels (B, T)); returns (loss, gradient norm before clipping).
+    attention_mask (B, T), labels (B, T)); returns (loss, gradient norm before clipping) as 0-d tensors on
+    the device, without waiting for them: on a GPU, reading a number back is a host sync that leaves the GPU
+    idle until the host has queued the next step, so train() reads them (`check_steps`) at log steps only.
 
     The loss is per token over the whole step: the sum of every caption token's loss over all
     micro-batches and processes, divided by their number of label tokens (as the HF Trainer's
@@ -178,15 +181,30 @@ def train_step(model, optimizer, accelerator, micro_batches: list[tuple], lr: fl
                             "trains the same model in smaller pieces.") from None
     if world > 1:  # every process logs, and stops on, the loss of the whole step
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-    loss = float(loss_sum) / max(int(tokens), 1)
-    if not math.isfinite(loss) and accelerator.mixed_precision != "fp16":
-        raise TrainingError(diverged(f"the loss became {loss} at step {step}"))
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-    if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16: the scaler skips the step
-        raise TrainingError(diverged(f"the gradients became {grad_norm} at step {step}"))
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    return loss_sum / tokens.clamp(min=1), grad_norm.detach().float()
+
+
+def check_steps(state: dict, pending: list[tuple[int, torch.Tensor, torch.Tensor]], precision: str) -> list[tuple]:
+    """Read the (step, loss, grad_norm) of the steps since the last read (one host sync for all of them) and
+    stop a run that diverged: a non-finite loss or gradient norm (in fp16, the scaler skips such a step;
+    MAX_SKIPPED_STEPS of them in a row stop it). Called at log steps and before anything is saved, so a
+    run never writes weights from a step that diverged; returns [(step, loss, grad_norm)] as floats."""
+    if not pending:
+        return []
+    values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm in pending]).tolist()
+    pending_steps = [step for step, *_ in pending]
+    pending.clear()
+    for step, (loss, grad_norm) in zip(pending_steps, values):
+        if precision == "fp16":
+            count_skipped(state, loss, step, precision)
+        elif not math.isfinite(loss):
+            raise TrainingError(diverged(f"the loss became {loss} at step {step}"))
+        elif not math.isfinite(grad_norm):
+            raise TrainingError(diverged(f"the gradients became {grad_norm} at step {step}"))
+    return [(step, loss, grad_norm) for step, (loss, grad_norm) in zip(pending_steps, values)]
 
 
 def diverged(what: str) -> str:
@@ -195,13 +213,13 @@ def diverged(what: str) -> str:
             "keeps the settings that diverged.")
 
 
-def count_skipped(state: dict, loss: float, precision: str) -> None:
+def count_skipped(state: dict, loss: float, step: int, precision: str) -> None:
     """fp16: the loss scaler skips a step whose loss or gradients are not finite, and lowers its scale;
     a loss that stays non-finite is not an overflow but a run that diverged: stop it."""
     state["skipped_in_a_row"] = 0 if math.isfinite(loss) else state.get("skipped_in_a_row", 0) + 1
     if state["skipped_in_a_row"] >= MAX_SKIPPED_STEPS:
         raise TrainingError(f"the loss was not finite for {MAX_SKIPPED_STEPS} steps in a row (up to step "
-                            f"{state['step']}; {precision} skipped each): training diverged. Start a new run "
+                            f"{step}; {precision} skipped each): training diverged. Start a new run "
                             "(another --out-dir) with a lower --lr, a longer --warmup-steps, or --precision bf16 "
                             "or fp32.")
 
@@ -237,6 +255,9 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
     from accelerate import Accelerator
 
     device = _device(runtime)
+    if cfg.compile and not compile_supported(device):
+        raise TrainingError(f"--compile: torch.compile needs a GPU of compute capability 7.0 or more (a T4 is 7.5, "
+                            f"a P100 6.0), and this run is on {device}: leave --compile off.")
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=_precision(cfg, device))
     device = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -283,12 +304,26 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
         say(f"warm-up shortened: --warmup-steps {cfg.warmup_steps} is more than a third of the {decay_steps} steps "
             f"the LR schedule spans, so the LR would never reach --lr {cfg.lr:g}; warming up over {warmup} steps "
             f"instead (give --warmup-steps {warmup} or less to choose it yourself).")
+    if cfg.compile:  # shapes vary with the batches' caption lengths: one graph for all of them
+        captioner.compile(dynamic=True)
+        say("torch.compile: the first steps and the first validation compile the model (minutes), then run faster")
     model, optimizer = accelerator.prepare(captioner, optimizer)
     say(captioner.describe())
     say(f"{len(train_split)} training captions, {steps_per_epoch} steps/epoch, stopping at step {total_steps} "
         f"(LR schedule over {decay_steps}), precision {accelerator.mixed_precision}, {world} process(es) on {device}")
 
+    pending = []  # (step, loss, grad_norm) of the steps since the last log row, still on the device
+
+    def settle() -> list[tuple]:
+        """The pending steps read (one host sync) and checked: before any save, validation or log row."""
+        done = check_steps(state, pending, accelerator.mixed_precision)
+        for _, loss, grad_norm in done:
+            state["window"][0] += loss
+            state["window"][1] += 1
+        return done
+
     def save(name: str = "checkpoint.pt", quiet: bool = False) -> None:
+        settle()
         if any(not torch.isfinite(p).all() for p in captioner.trainable_state().values()):  # never save lost weights
             raise TrainingError(diverged(f"the weights became non-finite by step {state['step']}"))
         if accelerator.is_main_process:
@@ -304,6 +339,7 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
     watch = cache.split("val").drop_duplicates("image_id").head(cfg.watch_images)
 
     def validate() -> None:
+        settle()
         if not len(val_split):
             return
         val = evaluate_loss(model, captioner, features, val_split, cfg.batch_size, device)
@@ -316,10 +352,10 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
         else:
             state["evals_since_best"] = state.get("evals_since_best", 0) + 1
 
-    def stop_requested() -> int:
+    def stop_requested(log_step: bool) -> int:
         signum = stop["signal"] or 0
-        if world > 1:  # every process stops at the same step
-            signum = int(accelerator.reduce(torch.tensor(signum, device=device), reduction="max"))
+        if world > 1:  # every process stops at the same step: agreed at log steps (a host sync)
+            signum = int(accelerator.reduce(torch.tensor(signum, device=device), reduction="max")) if log_step else 0
         return signum
 
     lengths = [len(t) for t in train_split.tokens]
@@ -341,29 +377,30 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
                 first = state["step_in_epoch"] * cfg.grad_accum
                 for idx in batches[first:first + cfg.grad_accum]:
                     ids, mask, labels = captioner.pad([train_split.tokens[i] for i in idx.tolist()], device)
-                    micro.append((features[train_split.rows[idx].to(device)], ids, mask, labels))
+                    micro.append((features[to_device(train_split.rows[idx], device)], ids, mask, labels))
                 loss, grad_norm = train_step(model, optimizer, accelerator, micro, lr, cfg, state["step"])
-                count_skipped(state, loss, accelerator.mixed_precision)
+                pending.append((state["step"], loss, grad_norm))
                 state["step"] += 1
                 state["step_in_epoch"] += 1
-                window = state["window"]
-                window[0] += loss
-                window[1] += 1
-                window[2] += time.perf_counter() - start
-                if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+                log_step = state["step"] % cfg.log_every == 0 or state["step"] == total_steps
+                if log_step:  # the loop's one host sync: this window's losses and gradient norms read back
+                    _, _, grad_norm = settle()[-1]
+                state["window"][2] += time.perf_counter() - start  # on a GPU: the window's time, at the sync
+                if log_step:
+                    window = state["window"]
                     samples = sum(len(m[1]) for m in micro) * world
                     state["history"]["train"].append({
                         "step": state["step"], "epoch": state["epoch"] + 1, "loss": window[0] / window[1],
                         "lr": lr, "grad_norm": grad_norm,
                         "samples_per_s": samples * window[1] / max(window[2], 1e-9)})
+                    bar.set_postfix(loss=f"{window[0] / window[1]:.3f}", lr=f"{lr:.2e}", refresh=False)
                     state["window"] = [0.0, 0, 0.0]
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
                 if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                     validate()
                 if _patience_ran_out(state, cfg):
                     break
-                if signum := stop_requested():
+                if signum := stop_requested(log_step):
                     bar.close()
                     _interrupted(save, out, state, signum)
                 if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or \
