@@ -234,11 +234,33 @@ def bench_training(steps: int = 30, batch_size: int = 40, device: str = "auto", 
                                                     3)}
         summary["speedup_vs_clipcap"] = round(rows[0]["samples_per_s"] / rows[1]["samples_per_s"], 2)
         summary["clipcap_max_seq_len"] = max_seq_len
+    if device.type == "cuda":  # one more step of each, after the measurements: how often it waits for the GPU
+        streams = {"ours": ours_steps(sizes[0])} | ({"clipcap": clipcap_steps(sizes[0], max_seq_len)} if baseline
+                                                    else {})
+        try:
+            summary["host_syncs_per_step"] = {k: host_syncs(lambda: next(v)) for k, v in streams.items()}
+        except Exception as exc:  # never measured before a GPU session: it must not cost the figures above
+            summary["host_syncs_per_step"] = {"not measured": f"{type(exc).__name__}: {exc}"}
     result = {"benchmark": "training", "architecture": f"{arch}: 6-layer transformer mapper, prefix 10, GPT-2 "
               f"{'124M shape' if arch == 'real' else 'tiny'} (last 2 blocks trained), random init",
               "machine": machine_info(device), "summary": summary}
     write_results(Path(out_dir), "training", device, result, _training_table(result), suffix)
     return result
+
+
+def host_syncs(step) -> int:
+    """Times `step()` makes the host wait for the GPU, as torch's CUDA sync debug mode counts them (a warning
+    each). Ours should have none outside a log step; ClipCap's `loss.item()` is one."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _training_table(result: dict) -> str:
@@ -257,6 +279,9 @@ def _training_table(result: dict) -> str:
             "peak GPU memory (GiB) |\n|---|---|---|---|---|---|---|---|---|\n" + rows + "\n\n"
             f"Padding share of the caption positions: ours (length-bucketed) as in the table; "
             f"{s['padding_share_shuffled_batches']:.1%} for shuffled batches padded to their longest caption.\n")
+    if "host_syncs_per_step" in s:
+        text += ("\nHost syncs in one step outside a log step (torch.cuda.set_sync_debug_mode): "
+                 + ", ".join(f"{k} {v}" for k, v in s["host_syncs_per_step"].items()) + ".\n")
     if "clipcap" in loss:
         text += (f"\n**Speed-up over ClipCap's mechanics: {s['speedup_vs_clipcap']}x.** Held-out loss after the same "
                  f"samples from the same weights: ours {loss['ours']}, ClipCap's mechanics {loss['clipcap']} "
