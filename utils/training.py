@@ -182,6 +182,8 @@ def train_step(model, optimizer, accelerator, micro_batches: list[tuple], lr: fl
     if world > 1:  # every process logs, and stops on, the loss of the whole step
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    if not torch.is_tensor(grad_norm):  # DeepSpeed clips inside and reports its norm as a number (or none: 0)
+        grad_norm = torch.tensor(float(grad_norm or 0.0), device=loss_sum.device)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / tokens.clamp(min=1), grad_norm.detach().float()
