@@ -288,8 +288,8 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
         say(f"warm-up shortened: --warmup-steps {cfg.warmup_steps}"
             + (f" ({schedule.warmup_steps} steps at this batch)" if scaled else "")
             + f" is more than a third of the {decay_steps} steps the LR schedule spans, so the LR would never reach "
-            f"{'its peak' if scaled else '--lr'} {schedule.lr:g}; warming up over {warmup} steps instead (give "
-            f"--warmup-steps {given} or less to choose it yourself).")
+            + (f"its peak {schedule.lr:.3g}" if scaled else f"--lr {cfg.lr:g}")
+            + f"; warming up over {warmup} steps instead (give --warmup-steps {given} or less to choose it yourself).")
     model, optimizer = accelerator.prepare(captioner, optimizer)
     say(captioner.describe())
     say(f"{len(train_split)} training captions, {steps_per_epoch} steps/epoch, stopping at step {total_steps} "
