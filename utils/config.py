@@ -195,6 +195,11 @@ class TrainConfig(Settings):
     min_lr: float = setting(0.0, "learning rate at the end of the decay", min=0)
     warmup_steps: int = setting(5000, "optimiser steps of linear warm-up from 0 to --lr; shortened, with a "
                                       "message, to a third of the decay when longer", min=0)
+    lr_batch_size: int = setting(0, "the batch --lr and --warmup-steps are set for (e.g. 40, ClipCap's): at another "
+                                    "effective batch (--batch-size x --grad-accum x processes) the warm-up keeps its "
+                                    "number of captions and the LR (and --min-lr) scales by sqrt(batch / this); 0: "
+                                    "use them as given (on the stand-ins the recipe made batch 128 worse, see README)",
+                                 min=0)
     decay: Decay = setting("linear", "how the LR falls after the warm-up")
     lr_decay_steps: int | None = setting(None, "optimiser step where the decay reaches --min-lr (default: the end "
                                                "of --epochs); never changed by --max-steps", min=1)

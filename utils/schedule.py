@@ -1,5 +1,6 @@
 """The schedule of a run, pure functions of the settings: how many steps, the LR at each step (nanoGPT's
-`get_lr`), and which captions make each batch (a shuffle of (seed, epoch), bucketed by caption length).
+`get_lr`, with lr and warm-up moved to the run's batch by `batch_recipe`), and which captions make each
+batch (a shuffle of (seed, epoch), bucketed by caption length).
 
 Nothing here holds state, so a resumed run recomputes exactly the schedule and the batches of the run
 it continues; `training.py` calls these.
@@ -7,6 +8,7 @@ it continues; `training.py` calls these.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -14,6 +16,26 @@ import torch
 from .config import TrainConfig
 
 MAX_WARMUP_SHARE = 3  # a warm-up longer than 1/3 of the schedule is shortened to it (and the run says so)
+
+
+def effective_batch(cfg: TrainConfig, processes: int = 1) -> int:
+    """Captions per optimiser step: --batch-size x --grad-accum x processes."""
+    return cfg.batch_size * cfg.grad_accum * processes
+
+
+def batch_recipe(cfg: TrainConfig, processes: int = 1) -> TrainConfig:
+    """`cfg` with lr, min_lr and warmup_steps moved from the batch they are set for (`cfg.lr_batch_size`) to the
+    run's effective batch: the warm-up keeps its number of captions (warmup_steps x lr_batch_size / batch, at
+    least 1 step), and the LR scales by sqrt(batch / lr_batch_size), Adam's square-root rule (Malladi et al.
+    2022, "On the SDEs and scaling rules for adaptive gradient algorithms"). `cfg` itself when the batches are
+    equal or `lr_batch_size` is 0."""
+    batch = effective_batch(cfg, processes)
+    if not cfg.lr_batch_size or batch == cfg.lr_batch_size:
+        return cfg
+    ratio = batch / cfg.lr_batch_size
+    warmup = max(round(cfg.warmup_steps / ratio), 1) if cfg.warmup_steps else 0
+    scale = math.sqrt(ratio)
+    return dataclasses.replace(cfg, lr=cfg.lr * scale, min_lr=cfg.min_lr * scale, warmup_steps=warmup)
 
 
 def warmup_for(cfg: TrainConfig, decay_steps: int) -> int:

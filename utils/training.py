@@ -37,8 +37,8 @@ from .features import FeatureCache, load_cache
 from .files import atomic_path, write_json
 from .model import load_language_model
 from .paths import models_dir, run_dir
-from .schedule import (MAX_WARMUP_SHARE, epoch_order, epoch_steps, get_lr,  # noqa: F401
-                       length_bucketed_batches, padding_share, run_steps, warmup_for)
+from .schedule import (MAX_WARMUP_SHARE, batch_recipe, effective_batch, epoch_order, epoch_steps,  # noqa: F401
+                       get_lr, length_bucketed_batches, padding_share, run_steps, warmup_for)
 from .runtime import compile_supported, is_offline, mixed_precision, resolve_device, to_device
 
 CHECKPOINT_VERSION = 2  # 2: the schedule's horizon is recorded; best.pt holds no optimiser state
@@ -287,7 +287,8 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
                             "process(es)): use more images, or a smaller --batch-size or --grad-accum.")
     steps_per_epoch = epoch_steps(len(train_split), cfg, world)
     total_steps, decay_steps = run_steps(len(train_split), cfg, world)
-    optimizer = make_optimizer(captioner, cfg)
+    schedule = batch_recipe(cfg, world)  # lr and warm-up at this run's batch; checkpoints keep `cfg` as given
+    optimizer = make_optimizer(captioner, schedule)
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val_loss": None, "decay_steps": decay_steps,
              "history": {"train": [], "val": []}, "window": [0.0, 0, 0.0]}  # loss sum, steps, seconds
     zero = str(accelerator.distributed_type) in ("DEEPSPEED", "DistributedType.DEEPSPEED")
@@ -301,11 +302,17 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
         say(f"resuming {out} at step {state['step']} (epoch {state['epoch'] + 1}, step {state['step_in_epoch']} of "
             f"{steps_per_epoch}) from {checkpoint}; the LR schedule runs to step {decay_steps}")
     state["zero_sharded"] = zero
-    warmup = warmup_for(cfg, decay_steps)
-    if warmup < cfg.warmup_steps:
-        say(f"warm-up shortened: --warmup-steps {cfg.warmup_steps} is more than a third of the {decay_steps} steps "
-            f"the LR schedule spans, so the LR would never reach --lr {cfg.lr:g}; warming up over {warmup} steps "
-            f"instead (give --warmup-steps {warmup} or less to choose it yourself).")
+    if schedule is not cfg:
+        say(batch_recipe_message(cfg, schedule, world))
+    warmup = warmup_for(schedule, decay_steps)
+    if warmup < schedule.warmup_steps:
+        scaled = schedule is not cfg
+        given = math.floor(warmup * effective_batch(cfg, world) / cfg.lr_batch_size) if scaled else warmup
+        say(f"warm-up shortened: --warmup-steps {cfg.warmup_steps}"
+            + (f" ({schedule.warmup_steps} steps at this batch)" if scaled else "")
+            + f" is more than a third of the {decay_steps} steps the LR schedule spans, so the LR would never reach "
+            + (f"its peak {schedule.lr:.3g}" if scaled else f"--lr {cfg.lr:g}")
+            + f"; warming up over {warmup} steps instead (give --warmup-steps {given} or less to choose it yourself).")
     if cfg.compile:  # shapes vary with the batches' caption lengths: one graph for all of them
         captioner.compile(dynamic=True)
         say("torch.compile: the first steps and the first validation compile the model (minutes), then run faster")
@@ -374,7 +381,7 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
             batches = length_bucketed_batches(lengths, cfg.batch_size, runtime.seed, state["epoch"])[rank::world]
             while state["step_in_epoch"] < steps_per_epoch and state["step"] < total_steps:
                 start = time.perf_counter()
-                lr = get_lr(state["step"], cfg, decay_steps)
+                lr = get_lr(state["step"], schedule, decay_steps)
                 micro = []
                 first = state["step_in_epoch"] * cfg.grad_accum
                 for idx in batches[first:first + cfg.grad_accum]:
@@ -429,6 +436,19 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
         say(f"captioner bundle (weights only, no optimiser state): {bundle}")
     accelerator.wait_for_everyone()
     return TrainResult(out, bundle, state["history"], state["best_val_loss"], state["step"])
+
+
+def batch_recipe_message(cfg: TrainConfig, schedule: TrainConfig, processes: int) -> str:
+    """The line a run says when `batch_recipe` moved its lr and warm-up to its batch."""
+    changes = [f"--lr {cfg.lr:g} -> {schedule.lr:.3g}"]
+    if cfg.min_lr:
+        changes.append(f"--min-lr {cfg.min_lr:g} -> {schedule.min_lr:.3g}")
+    if cfg.warmup_steps:
+        changes.append(f"--warmup-steps {cfg.warmup_steps} -> {schedule.warmup_steps}")
+    return (f"batch {effective_batch(cfg, processes)} (--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} "
+            f"x {processes} process{'es' if processes > 1 else ''}): {', '.join(changes[:-1])}"
+            f"{' and ' if len(changes) > 1 else ''}{changes[-1]}, the same warm-up in captions as batch "
+            f"{cfg.lr_batch_size} (--lr-batch-size 0 to use them as given)")
 
 
 def _interrupted(save, out: Path, state: dict, signum: int) -> None:
@@ -517,6 +537,11 @@ def _load_checkpoint(path: Path, captioner: Captioner, optimizer, accelerator, c
                             f"version {CHECKPOINT_VERSION}.")
     want = _config_record(captioner.config, cfg, cache)
     have = checkpoint["config"]
+    # lr_batch_size: a checkpoint from before the batch recipe used --lr and --warmup-steps as given (0), and 0 or
+    # the run's own batch make the same schedule
+    same = {0, effective_batch(cfg, accelerator.num_processes)}
+    if have["train"].get("lr_batch_size", 0) in same and cfg.lr_batch_size in same:
+        have = {**have, "train": {**have["train"], "lr_batch_size": cfg.lr_batch_size}}
     diffs = [f"{section}.{k}: checkpoint has {have[section].get(k)!r}, now {v!r}"
              for section in ("model", "train", "features") for k, v in want[section].items()
              if not (section == "train" and k in _FREE_ON_RESUME) and have[section].get(k) != v]
