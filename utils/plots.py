@@ -44,19 +44,22 @@ def _save(fig, path: str | Path | None):
 
 
 def plot_lr_schedule(cfg: TrainConfig, total_steps: int, path=None):
-    """The learning rate `get_lr(step)` will give at every step: drawn before training starts."""
-    from .training import get_lr
+    """The learning rate `get_lr(step)` will give at every step, as train() schedules it (the batch recipe and
+    a warm-up shortened to a third included; one process): drawn before training starts."""
+    from .schedule import batch_recipe, get_lr, warmup_for
 
+    cfg = batch_recipe(cfg)
+    warmup = warmup_for(cfg, total_steps)
     steps = np.arange(total_steps)
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.plot(steps, [get_lr(int(s), cfg, total_steps) for s in steps], color="tab:orange")
-    if cfg.warmup_steps < total_steps:
-        ax.axvline(cfg.warmup_steps, color="grey", ls=":", lw=1)
-        ax.annotate(f"end of warm-up (step {cfg.warmup_steps})", (cfg.warmup_steps, cfg.lr), xytext=(6, -14),
+    if warmup < total_steps:
+        ax.axvline(warmup, color="grey", ls=":", lw=1)
+        ax.annotate(f"end of warm-up (step {warmup})", (warmup, cfg.lr), xytext=(6, -14),
                     textcoords="offset points", fontsize=8, color="grey")
-        title = f"Linear warm-up over {cfg.warmup_steps} steps, then {cfg.decay} decay"
+        title = f"Linear warm-up over {warmup} steps, then {cfg.decay} decay"
     else:
-        title = f"Warm-up only: {total_steps} steps end before warmup_steps={cfg.warmup_steps}"
+        title = f"Warm-up only: {total_steps} steps end before warmup_steps={warmup}"
     ax.set(xlabel="optimiser step", ylabel="learning rate", title=title, xlim=(0, max(total_steps - 1, 1)),
            ylim=(0, cfg.lr * 1.08))
     ax.yaxis.set_major_formatter(_LR_FORMAT)
