@@ -196,17 +196,17 @@ def check_steps(state: dict, pending: list[tuple[int, torch.Tensor, torch.Tensor
     run never writes weights from a step that diverged; returns [(step, loss, grad_norm)] as floats."""
     if not pending:
         return []
-    values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm in pending]).tolist()
-    pending_steps = [step for step, *_ in pending]
+    values = torch.stack([torch.stack([loss, norm]) for _, loss, norm in pending]).tolist()
+    done = [(step, loss, grad_norm) for (step, _, _), (loss, grad_norm) in zip(pending, values)]
     pending.clear()
-    for step, (loss, grad_norm) in zip(pending_steps, values):
+    for step, loss, grad_norm in done:
         if precision == "fp16":
             count_skipped(state, loss, step, precision)
         elif not math.isfinite(loss):
             raise TrainingError(diverged(f"the loss became {loss} at step {step}"))
         elif not math.isfinite(grad_norm):
             raise TrainingError(diverged(f"the gradients became {grad_norm} at step {step}"))
-    return [(step, loss, grad_norm) for step, (loss, grad_norm) in zip(pending_steps, values)]
+    return done
 
 
 def diverged(what: str) -> str:
@@ -280,7 +280,7 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
     captioner = build_captioner(model_cfg, cache, runtime, models_dir(data_dir)).to(device)
     features = torch.tensor(np.asarray(cache.features), dtype=torch.float32, device=device)  # (N, clip_dim)
     train_split, val_split = make_split(cache, "train", captioner), make_split(cache, "val", captioner)
-    need = cfg.batch_size * cfg.grad_accum * world
+    need = effective_batch(cfg, world)
     if len(train_split) < need:
         raise TrainingError(f"{cache.path} has {len(train_split)} training captions, fewer than one optimiser step "
                             f"takes (--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} x {world} "
