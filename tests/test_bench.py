@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_env
-from utils.bench import bench_captions, bench_models, training_precision
-from utils.runtime import compile_supported
+from utils.bench import bench_captions, bench_models
+from utils.runtime import compile_supported, mixed_precision
 from utils.bench_clipcap import clipcap_loss, clipcap_max_seq_len, clipcap_pad
 from utils.bench_training import real_token_flops
 from utils.captioner import Captioner, load_language_model
@@ -141,7 +141,7 @@ def test_clipcap_padding_rule_is_mean_plus_ten_std_capped_at_the_longest():
 
 def test_precision_and_compile_follow_the_device_not_emulation():
     cpu = torch.device("cpu")
-    assert training_precision(cpu) == "no" and training_precision(cpu, "fp16") == "fp16"
+    assert mixed_precision("auto", cpu) == "no" and mixed_precision("fp16", cpu) == "fp16"
     assert not compile_supported(cpu)
 
 

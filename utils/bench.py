@@ -20,7 +20,8 @@ from PIL import Image
 
 from .bench_clipcap import clipcap_beam, clipcap_encode_per_caption, clipcap_greedy
 from .files import write_json, write_text
-from .runtime import mixed_precision, resolve_device
+from .clip_encoder import precision as clip_dtype
+from .runtime import resolve_device
 
 # CLIP ViT-B/32: embed 512, 224 px, 12 x 768 vision, patch 32, 77 tokens, 12 x 512 text.
 VIT_B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
@@ -31,12 +32,6 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 
                "P100": 18.7}
 FLICKR30K_TRAIN_CAPTIONS = 143_000
 CAPTIONS_PER_IMAGE = 5  # Flickr30k and COCO: ClipCap's feature pass encodes each image this many times
-
-
-def training_precision(device: torch.device, precision: str = "auto") -> str:
-    """accelerate's mixed_precision as train() chooses it (`runtime.mixed_precision`, the one rule).
-    `torch.cuda.is_bf16_supported()` alone says True on a T4 or P100, through emulation: never used here."""
-    return mixed_precision(precision, device)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -139,7 +134,7 @@ def bench_features(n_images: int = 64, device: str = "auto", batch_size: int = 6
     summary = {
         "images": n_images, "baseline_images": baseline_images, "captions_per_image": CAPTIONS_PER_IMAGE,
         "batch_size": batch_size, "num_workers": num_workers,
-        "clip_precision": "fp16" if device.type == "cuda" else "fp32",
+        "clip_precision": clip_dtype(device, fp16=True),  # the rule `ours` encodes by (clip_encoder.precision)
         "images_per_s": {k: round(v, 2) for k, v in rates.items()},
         "speedup_vs_clipcap": round(rates["ours_batched"] / rates["clipcap_per_caption"], 2),
         "share_of_decode_limit": round(rates["ours_batched"] / rates["decode_resize_only"], 3),

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from .bench import (CAPTIONS_PER_IMAGE, FLICKR30K_TRAIN_CAPTIONS, bench_captions, bench_models,
-                    machine_info, machine_line, peak_tflops, training_precision, write_results)
+                    machine_info, machine_line, peak_tflops, write_results)
 from .bench_clipcap import clipcap_max_seq_len, clipcap_optimizer, clipcap_pad, clipcap_step
-from .runtime import compile_supported, resolve_device, to_device
+from .runtime import compile_supported, mixed_precision, resolve_device, to_device
 
 # Both pipelines, same schedule: short warm-up and a high rate, so that 30-odd steps visibly lower the loss.
 BENCH_SCHEDULE = dict(lr=3e-4, warmup_steps=5, decay="constant")
@@ -112,7 +112,7 @@ def bench_training(steps: int = 30, batch_size: int = 40, device: str = "auto", 
     from .training import epoch_order, get_lr, length_bucketed_batches, make_optimizer, padding_share
 
     device = resolve_device(device)
-    mixed = training_precision(device, precision)
+    mixed = mixed_precision(precision, device)  # as train() chooses it; never torch.cuda.is_bf16_supported()
     if compile and not compile_supported(device):
         raise ValueError(f"torch.compile is not supported on {device} here (a GPU of compute capability 7.0 or "
                          "more is needed): leave --compile off.")
