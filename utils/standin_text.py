@@ -1,0 +1,193 @@
+"""The stand-in GPT-2, its tokenizer, and the stand-in Marian and T5 models, in `from_pretrained` layout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .files import write_json
+from .standin_build import EOS, announce, folder, lr_scale, private_drawings, private_torch_state
+
+# GPT-2's 12 blocks at width 64. No dropout: it would only slow the short fit and the course's training.
+_GPT2 = dict(n_positions=256, n_embd=64, n_layer=12, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+# How it is pre-fitted (see `_fit_gpt2`): next-token loss on pairs of captions of the private drawings.
+_GPT2_FIT = dict(steps=300, batch=32, lr=6e-3, warmup=20, weight_decay=0.01, seed=12345)
+_TOKENIZER_VOCAB = 600
+
+# What the tokenizer is trained on: ordinary English around our captions, so BPE merges are sensible.
+_CORPUS = """a photo of a dog running across the grass . two young men look at their hands in the yard .
+a man in a red shirt rides a bicycle down the street . a woman is cooking food in the kitchen .
+a plate of pasta with tomato sauce and cheese . a bowl of soup next to a piece of bread .
+children are playing in the park near the water . the cat is sleeping on a small white bed .
+a group of people stand on the left side of the picture . there is a large blue car at the top .
+a little green triangle sits at the bottom of the image , on a dark background .
+an orange square in the centre , a yellow circle on the right , a purple cross on the left !
+what is in this picture ? it shows one shape , small or large , in some colour and place ."""
+
+
+
+def gpt2_dir(models_dir: str | Path | None = None) -> Path:
+    """Folder holding the stand-in GPT-2 and its tokenizer in `from_pretrained` layout, built (and
+    pre-fitted, see the module's docstring) on first use in `models_dir` (default: `standins_home()`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    where = folder(models_dir)
+    dest = where / "standin-gpt2"
+    if (dest / "standin.json").is_file():
+        return dest
+    start = announce("stand-in GPT-2", where, "a minute")
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = _train_tokenizer(tmp)
+    with private_torch_state():
+        config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, **_GPT2)
+        model = GPT2LMHeadModel(config)
+        losses = _fit_gpt2(model, _caption_pairs(where, tokenizer))
+    model.save_pretrained(tmp)
+    write_json(tmp / "standin.json", {"standin": True, "what": "tiny GPT-2 (12 blocks, width 64) pre-fitted on "
+                                      "pairs of generated captions, for offline runs", "config": _GPT2,
+                                      "fit": _GPT2_FIT, "loss_first_last": losses, "tokenizer_vocab": len(tokenizer)})
+    if (dest / "standin.json").is_file():  # another process built it meanwhile: the same weights
+        shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    print(f"stand-in GPT-2 built in {time.perf_counter() - start:.0f} s (next-token loss {losses[0]:.2f} -> "
+          f"{losses[1]:.2f}): {dest}", file=sys.stderr, flush=True)
+    return dest
+
+
+def _caption_pairs(models_dir: Path, tokenizer) -> torch.Tensor:
+    """Token rows `EOS caption EOS other caption of the same drawing EOS`, padded with -1, from the private
+    drawings (generated on first use; the same set the stand-in CLIP is fitted on)."""
+    _, captions = private_drawings(models_dir)
+    eos = tokenizer.eos_token_id
+    rows = [[eos, *tokenizer(cs[i])["input_ids"], eos, *tokenizer(cs[(i + 1) % len(cs)])["input_ids"], eos]
+            for cs in captions.values() for i in range(len(cs))]
+    out = torch.full((len(rows), max(map(len, rows))), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row)
+    return out
+
+
+def _fit_gpt2(model, rows: torch.Tensor) -> tuple[float, float]:
+    """Next-token loss on `rows` (padding -1), AdamW with warm-up and cosine decay, in place,
+    deterministically; returns the loss of the first and of the last step."""
+    from tqdm.auto import tqdm
+
+    fit = _GPT2_FIT
+    gen = torch.Generator().manual_seed(fit["seed"])
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=fit["weight_decay"]), dict(params=rest, weight_decay=0.0)],
+                            lr=fit["lr"], betas=(0.9, 0.98))
+    steps, warmup, losses = fit["steps"], fit["warmup"], []
+    model.train()
+    for step in tqdm(range(steps), desc="fitting the stand-in GPT-2", unit="step", mininterval=2, leave=False):
+        for group in opt.param_groups:
+            group["lr"] = fit["lr"] * lr_scale(step, steps, warmup)
+        batch = rows[torch.randint(0, len(rows), (fit["batch"],), generator=gen)]
+        batch = batch[:, :int((batch >= 0).sum(1).max())]  # up to the longest row of this batch
+        mask = batch >= 0
+        loss = model(input_ids=batch.clamp(min=0), attention_mask=mask.long(), labels=batch.masked_fill(~mask, -100)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return round(losses[0], 4), round(sum(losses[-10:]) / len(losses[-10:]), 4)
+
+
+def _train_tokenizer(dest: Path):
+    """Byte-level BPE on a small corpus, saved and reloaded as a GPT-2 tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Tokenizer
+
+    from .embedded import EMBEDDED_ATTRIBUTES
+
+    words = " ".join(w for values in EMBEDDED_ATTRIBUTES.values() for w in values)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_CORPUS.splitlines() + [words], vocab_size=_TOKENIZER_VOCAB,
+                            min_frequency=1, special_tokens=[EOS], show_progress=False)
+    dest.mkdir(parents=True, exist_ok=True)
+    bpe.save_model(str(dest))  # vocab.json + merges.txt, GPT-2's own files
+    tokenizer = GPT2Tokenizer.from_pretrained(dest, unk_token=EOS, bos_token=EOS, eos_token=EOS)
+    tokenizer.save_pretrained(dest)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The stand-in Marian translation model (utils/translate.py): a tiny random MarianMTModel and a BPE
+# tokenizer trained here, saved in `from_pretrained` layout. Its output is random words, never a
+# translation; translate.py labels every line it gives so. (The real opus-mt tokenizer is a
+# MarianTokenizer, which needs sentencepiece; this one is a `tokenizers` BPE, which does not.)
+
+_MARIAN = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+               encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+               init_std=0.5)  # at 0.02 the tiny random model gives one output whatever the input
+_MARIAN_VOCAB = 400
+
+
+def marian_dir(models_dir: str | Path | None = None) -> Path:
+    """Folder holding the stand-in Marian model and its tokenizer, built on first use (about a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import MarianConfig, MarianMTModel, PreTrainedTokenizerFast
+
+    from .files import atomic_dir
+
+    dest = folder(models_dir) / "standin-marian"
+    if (dest / "standin.json").is_file():
+        return dest
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()  # as sentencepiece splits
+    bpe.train_from_iterator(_CORPUS.splitlines(), trainers.BpeTrainer(
+        vocab_size=_MARIAN_VOCAB, special_tokens=["</s>", "<unk>", "<pad>"], show_progress=False))
+    bpe.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    with private_torch_state():
+        model = MarianMTModel(MarianConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id,
+                                           decoder_start_token_id=tokenizer.pad_token_id, **_MARIAN))
+    with atomic_dir(dest) as tmp:  # a folder half written is never taken for a built one
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        write_json(tmp / "standin.json", {"standin": True, "what": "tiny random-init Marian model for offline runs: "
+                                          "its output is random words, not a translation", "config": _MARIAN})
+    return dest
+
+
+# ---- stand-in T5 (an encoder-decoder language model) ------------------------------------------------
+# T5's own layout at a tiny size, with the stand-in GPT-2's byte-level tokenizer (T5's sentencepiece
+# vocabulary cannot be had offline): EOS doubles as padding and as the decoder's start token, as the
+# real T5 uses its pad token. Random weights: it shows the mechanics of a prefix read by an encoder.
+_T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.1)
+
+
+def t5_dir(models_dir: str | Path | None = None) -> Path:
+    """Folder holding the stand-in T5 and its tokenizer in `from_pretrained` layout, built on first use."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from .files import atomic_dir
+
+    dest = folder(models_dir) / "standin-t5"
+    if (dest / "standin.json").is_file():
+        return dest
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir(models_dir))
+    eos = tokenizer.eos_token_id
+    with private_torch_state():
+        model = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), pad_token_id=eos, eos_token_id=eos,
+                                                    decoder_start_token_id=eos, **_T5))
+    with atomic_dir(dest) as tmp:
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        write_json(tmp / "standin.json", {"standin": True, "what": "tiny random-init T5 for offline runs",
+                                          "config": _T5})
+    return dest
