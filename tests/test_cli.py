@@ -73,7 +73,7 @@ def test_course_main_job_runs_offline_end_to_end_and_again(tmp_path):
 
     assert scores(again) == scores(proc.stdout)  # the same captioner, the same scores
     info = run_cli("info", data_dir=tmp_path).stdout
-    assert "embedded-standin-ViT: 90 images, 270 captions, standin:ViT (64-d) [stand-in]" in info
+    assert "embedded-standin-ViT: 90 images, 270 captions, standin:ViT (112-d) [stand-in]" in info
     assert "standin-clip-vit.pt" in info and "torch:" in info and "gpu_check:" in info
 
 

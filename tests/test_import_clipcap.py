@@ -1,7 +1,7 @@
 """Importing the ClipCap paper's released weights (`python -m utils import-clipcap`).
 
 The released files are too big for a test, so each test writes a state dict in their exact key layout,
-at the stand-in's size (GPT-2 width 64 instead of 768, the stand-in CLIP's 64-d embeddings instead of
+at the stand-in's size (GPT-2 width 64 instead of 768, the stand-in CLIP's 112-d embeddings instead of
 512/640), stale `attn.bias` / `attn.masked_bias` buffers included, and checks our captions from the
 imported weights against a direct re-implementation of ClipCap's forward pass and decoding loop below.
 """
@@ -22,7 +22,7 @@ from utils.config import RuntimeConfig
 from utils.standins import clip_archive, gpt2_dir
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
-CLIP_DIM, HEADS = 64, 8  # the stand-in CLIP's width; ClipCap's transformer always has 8 heads
+CLIP_DIM, HEADS = 112, 8  # the stand-in CLIP's width; ClipCap's transformer always has 8 heads
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,9 +201,9 @@ def test_settings_that_contradict_the_file_are_refused(gpt, models_dir, tmp_path
             (dict(prefix_length=10), "prefix_length=10, but the file's shapes say 4"),
             (dict(mapper="mlp"), "mapper='mlp', but the file's shapes say 'transformer'"),
             (dict(num_heads=4), "num_heads=4, but ClipCap's mapper always has 8"),  # no shape records the heads
-            (dict(backbone="ViT-B/32"), "takes 64-d CLIP embeddings, but ViT-B/32 gives 512-d ones: pass --backbone "
+            (dict(backbone="ViT-B/32"), "takes 112-d CLIP embeddings, but ViT-B/32 gives 512-d ones: pass --backbone "
                                         "standin:ViT or standin:RN"),
-            ({}, "64-d CLIP embeddings, which no released ClipCap file does: pass --backbone standin:ViT")]:
+            ({}, "112-d CLIP embeddings, which no released ClipCap file does: pass --backbone standin:ViT")]:
         with pytest.raises(ClipCapImportError, match=message.replace("(", r"\(")):
             import_clipcap(weights, tmp_path / "bundle", OFFLINE, models_dir, **settings)
     del_block = {k: v for k, v in mlp_file(gpt).items() if not k.startswith("gpt.transformer.h.1.")}
@@ -219,7 +219,7 @@ def test_cli_imports_then_captions_image_files(gpt, models_dir, data_dir, tmp_pa
     weights = _save(mlp_file(gpt), tmp_path / "coco_weights.pt")
     bundle = tmp_path / "clipcap-coco"
     proc = run_cli("import-clipcap", weights, "--out", str(bundle), "--backbone", "standin:ViT", data_dir=data_dir)
-    assert ("imported ClipCap's MLP mapper (prefix 10) for standin:ViT embeddings (64-d) and its fine-tuned GPT-2 "
+    assert ("imported ClipCap's MLP mapper (prefix 10) for standin:ViT embeddings (112-d) and its fine-tuned GPT-2 "
             "(standin:gpt2)") in proc.stdout
     images = []
     for i, colour in enumerate(["red", "navy", "yellow"]):
@@ -242,7 +242,7 @@ def _refused(path, data_dir, tmp_path) -> str:
 def test_cli_refuses_a_file_of_the_wrong_shape_in_one_line(gpt, data_dir, tmp_path):
     state = mlp_file(gpt)
     state["clip_project.model.2.weight"] = state["clip_project.model.2.weight"][:-1]  # P*D - 1 outputs
-    assert "MLP mapper's shapes (320, 64) and (639, 320) are not ClipCap's" in _refused(
+    assert "MLP mapper's shapes (320, 112) and (639, 320) are not ClipCap's" in _refused(
         _save(state, tmp_path / "coco_weights.pt"), data_dir, tmp_path)
     assert "holds no ClipCap mapper" in _refused(_save({"weight": torch.zeros(2)}, tmp_path / "other.pt"), data_dir,
                                                  tmp_path)

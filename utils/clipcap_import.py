@@ -32,10 +32,12 @@ from .config import ModelConfig, RuntimeConfig
 from .model import language_model_source
 from .paths import models_dir as default_models_dir
 from .runtime import is_offline
+from .standin_names import STANDIN_CLIP_DIM
 
 # Embedding width of each CLIP: the mapper's input width says which backbones can feed it.
 CLIP_WIDTHS = {"RN50": 1024, "RN101": 512, "RN50x4": 640, "RN50x16": 768, "RN50x64": 1024, "ViT-B/32": 512,
-               "ViT-B/16": 512, "ViT-L/14": 768, "ViT-L/14@336px": 768, "standin:ViT": 64, "standin:RN": 64}
+               "ViT-B/16": 512, "ViT-L/14": 768, "ViT-L/14@336px": 768,
+               "standin:ViT": STANDIN_CLIP_DIM, "standin:RN": STANDIN_CLIP_DIM}
 PAPER_BACKBONES = {512: "ViT-B/32", 640: "RN50x4"}  # the CLIP each released file was trained on, by width
 CLIPCAP_HEADS = 8  # fixed in ClipCap's code, so not in its files
 CLIPCAP_LENGTH = 67  # tokens ClipCap's own decoding generates at most

@@ -13,7 +13,8 @@ The ViT stand-in's image embedding has two parts (EMBED_DIM = 64 + 48 = 112 dime
   each patch's colour, block 1's MLP writes it into a channel of its own per cell (gated by the position
   embedding), block 2's attention pools the cells into the class token, and the projection copies them
   out. A linear function of the pixels, up to LayerNorm's per-token scale, which large constant
-  "ballast" channels hold nearly fixed. So what a picture shows where (which colours, light and dark,
+  "ballast" channels hold nearly fixed: on random images the 48 dimensions equal 0.5 x the cells' mean
+  colours to within 0.001. So what a picture shows where (which colours, light and dark,
   coarse layout) is in the embedding whatever the picture, and any region grid coarser than 4x4 is a
   linear function of it (tests/test_standins.py probes 3x3 grids of random colours).
 
@@ -34,11 +35,12 @@ import torch
 
 from .files import atomic_path
 from .standin_build import PRIVATE_DRAWINGS, announce, folder, lr_scale, private_drawings, private_torch_state
-from .standin_names import STANDIN_PREFIX, clip_standin_name
+from .standin_names import STANDIN_CLIP_DIM, STANDIN_PREFIX, clip_standin_name
 
 FITTED, GRID = 64, 4  # fitted channels (and embedding dimensions); cells per side of the fixed colour grid
 GRID_DIMS = 3 * GRID * GRID  # 48 fixed embedding dimensions: R, G, B of each cell
 EMBED_DIM = FITTED + GRID_DIMS
+assert EMBED_DIM == STANDIN_CLIP_DIM
 
 # Tiny shapes: a ViT or a ModifiedResNet of CLIP's own classes. Widths are multiples of 64 because
 # clip.model.build_model infers heads as width // 64 (the ViT's 128 channels: 2 heads, one fitted, one
@@ -47,7 +49,7 @@ EMBED_DIM = FITTED + GRID_DIMS
 _CLIP_VIT = dict(embed_dim=EMBED_DIM, image_resolution=64, vision_layers=2, vision_width=2 * FITTED,
                  vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=64,
                  transformer_heads=1, transformer_layers=1)
-_CLIP_RN = dict(_CLIP_VIT, embed_dim=64, vision_layers=(1, 1, 1, 1), vision_width=8, vision_patch_size=None)
+_CLIP_RN = dict(_CLIP_VIT, vision_layers=(1, 1, 1, 1), vision_width=8, vision_patch_size=None)
 
 # How the ViT stand-in is fitted (see `_fit_clip`). group_weights: how often a batch's groups vary shape,
 # colour, position, size or background. image_delay: steps during which only the text tower learns.
@@ -119,12 +121,13 @@ def _fixed_grid_pathway(visual) -> list[tuple[torch.Tensor, torch.Tensor, torch.
       gains of s0 = 60 / sqrt(32) undo it: each LayerNorm is then nearly "subtract the token's mean").
       Every fixed read below weighs channels with weights summing to 0 (against channel 64, always 0),
       so the mean that LayerNorm subtracts cancels.
-    - block 1, MLP: hidden unit 256 + 3 * (4 * row + col) + c computes QuickGELU(colour_c + 8 + 40 *
-      (column match + row match - 2)): colour_c + 8 at its own cell (QuickGELU is the identity there to
-      0.1%), 0 elsewhere; written to channel 76 + 3 * (4 * row + col) + c.
+    - block 1, MLP: two hidden units per cell and colour, 256 + 2 * (3 * (4 * row + col) + c) and the next,
+      compute QuickGELU(8 + colour_c + 40 * (column match + row match - 2)) and the same without colour_c;
+      their difference, written to channel 76 + 3 * (4 * row + col) + c, is colour_c at the cell's own
+      patch (QuickGELU is the identity there to 0.1%) and 0 at every other token.
     - block 2, attention head 2 (channels 64-127): queries and keys 0, so the class token averages the 17
-      tokens; values: channels 76-123; output x17, bias -8: the class token's channels 76-123 then hold
-      each cell's mean colour.
+      tokens; values: channels 76-123; output x17: the class token's channels 76-123 then hold each cell's
+      mean colour.
     - projection: channel 76 + i -> embedding dimension 64 + i, times 0.5; the fitted channels never
       reach dimensions 64-111, and the fixed ones never reach 0-63.
     The fitted part (channels 0-63, hidden units 0-255, attention head 1) reads every channel but the

@@ -12,6 +12,7 @@ from .paths import user_cache
 
 STANDIN_PREFIX = "standin:"
 STANDINS_ENV = "CLIPCAP_STANDINS"  # where the stand-ins are built, once per machine (see standins_home)
+STANDIN_CLIP_DIM = 112  # both stand-in CLIPs' embedding width (64 fitted + 48 of a fixed colour grid)
 _STANDINS_VERSION = 3  # bump when a stand-in's recipe changes: the machine's old copies are then not used
 
 

@@ -13,14 +13,20 @@ import torch
 
 from .files import write_json
 from .standin_build import EOS, announce, folder, lr_scale, private_drawings, private_torch_state
+from .standin_words import caption_corpus, vocabulary
 
 # GPT-2's 12 blocks at width 64. No dropout: it would only slow the short fit and the course's training.
 _GPT2 = dict(n_positions=256, n_embd=64, n_layer=12, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-# How it is pre-fitted (see `_fit_gpt2`): next-token loss on pairs of captions of the private drawings.
-_GPT2_FIT = dict(steps=300, batch=32, lr=6e-3, warmup=20, weight_decay=0.01, seed=12345)
-_TOKENIZER_VOCAB = 600
+# How it is pre-fitted (see `_fit_gpt2`): next-token loss on pairs of captions of the private drawings,
+# and every `everyday_every`-th step on pairs of generated everyday captions of one scene.
+_GPT2_FIT = dict(steps=420, batch=32, lr=6e-3, warmup=20, weight_decay=0.01, seed=12345, everyday_every=4)
+# The tokenizer's English (utils/standin_words.py): generated everyday caption sentences, with the private
+# drawings' captions; BPE merges up to _TOKENIZER_VOCAB tokens (the corpus runs out of pairs seen twice
+# at about 3,700: every listed word is then one token, or two).
+_TEXT = dict(sentences=40000, seed=2024, pairs=6000)
+_TOKENIZER_VOCAB = 5000
 
-# What the tokenizer is trained on: ordinary English around our captions, so BPE merges are sensible.
+# What the Marian stand-in's tokenizer is trained on.
 _CORPUS = """a photo of a dog running across the grass . two young men look at their hands in the yard .
 a man in a red shirt rides a bicycle down the street . a woman is cooking food in the kitchen .
 a plate of pasta with tomato sauce and cheese . a bowl of soup next to a piece of bread .
@@ -44,16 +50,19 @@ def gpt2_dir(models_dir: str | Path | None = None) -> Path:
     start = announce("stand-in GPT-2", where, "a minute")
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = _train_tokenizer(tmp)
+    _, drawings = private_drawings(where)
+    everyday = caption_corpus(_TEXT["sentences"], _TEXT["seed"])
+    tokenizer = _train_tokenizer(tmp, everyday + [c for cs in drawings.values() for c in cs])
     with private_torch_state():
         config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
                             eos_token_id=tokenizer.eos_token_id, **_GPT2)
         model = GPT2LMHeadModel(config)
-        losses = _fit_gpt2(model, _caption_pairs(where, tokenizer))
+        losses = _fit_gpt2(model, _caption_pairs(drawings, tokenizer), _everyday_pairs(everyday, tokenizer))
     model.save_pretrained(tmp)
     write_json(tmp / "standin.json", {"standin": True, "what": "tiny GPT-2 (12 blocks, width 64) pre-fitted on "
                                       "pairs of generated captions, for offline runs", "config": _GPT2,
-                                      "fit": _GPT2_FIT, "loss_first_last": losses, "tokenizer_vocab": len(tokenizer)})
+                                      "fit": _GPT2_FIT, "text": _TEXT, "loss_first_last": losses[:2],
+                                      "everyday_loss_last": losses[2], "tokenizer_vocab": len(tokenizer)})
     if (dest / "standin.json").is_file():  # another process built it meanwhile: the same weights
         shutil.rmtree(tmp, ignore_errors=True)
         return dest
@@ -64,22 +73,33 @@ def gpt2_dir(models_dir: str | Path | None = None) -> Path:
     return dest
 
 
-def _caption_pairs(models_dir: Path, tokenizer) -> torch.Tensor:
-    """Token rows `EOS caption EOS other caption of the same drawing EOS`, padded with -1, from the private
-    drawings (generated on first use; the same set the stand-in CLIP is fitted on)."""
-    _, captions = private_drawings(models_dir)
-    eos = tokenizer.eos_token_id
-    rows = [[eos, *tokenizer(cs[i])["input_ids"], eos, *tokenizer(cs[(i + 1) % len(cs)])["input_ids"], eos]
-            for cs in captions.values() for i in range(len(cs))]
-    out = torch.full((len(rows), max(map(len, rows))), -1, dtype=torch.long)
-    for i, row in enumerate(rows):
+def _rows(pairs: list[list[int]]) -> torch.Tensor:
+    out = torch.full((len(pairs), max(map(len, pairs))), -1, dtype=torch.long)
+    for i, row in enumerate(pairs):
         out[i, :len(row)] = torch.tensor(row)
     return out
 
 
-def _fit_gpt2(model, rows: torch.Tensor) -> tuple[float, float]:
-    """Next-token loss on `rows` (padding -1), AdamW with warm-up and cosine decay, in place,
-    deterministically; returns the loss of the first and of the last step."""
+def _caption_pairs(captions: dict[str, list[str]], tokenizer) -> torch.Tensor:
+    """Token rows `EOS caption EOS other caption of the same drawing EOS`, padded with -1, from the private
+    drawings (the same set the stand-in CLIP is fitted on)."""
+    eos = tokenizer.eos_token_id
+    return _rows([[eos, *tokenizer(cs[i])["input_ids"], eos, *tokenizer(cs[(i + 1) % len(cs)])["input_ids"], eos]
+                  for cs in captions.values() for i in range(len(cs))])
+
+
+def _everyday_pairs(sentences: list[str], tokenizer) -> torch.Tensor:
+    """Token rows `EOS sentence EOS other sentence of the same scene EOS` of the generated everyday captions,
+    padded with -1."""
+    eos = tokenizer.eos_token_id
+    ids = [tokenizer(t)["input_ids"] for t in sentences[:2 * _TEXT["pairs"]]]
+    return _rows([[eos, *a, eos, *b, eos] for a, b in zip(ids[0::2], ids[1::2])])
+
+
+def _fit_gpt2(model, rows: torch.Tensor, everyday: torch.Tensor) -> tuple[float, float, float]:
+    """Next-token loss on `rows` (padding -1), and every `everyday_every`-th step on `everyday`, AdamW with
+    warm-up and cosine decay, in place, deterministically; returns the loss of the first step and the mean
+    of the last ten steps on `rows` and on `everyday`."""
     from tqdm.auto import tqdm
 
     fit = _GPT2_FIT
@@ -88,12 +108,14 @@ def _fit_gpt2(model, rows: torch.Tensor) -> tuple[float, float]:
     rest = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=fit["weight_decay"]), dict(params=rest, weight_decay=0.0)],
                             lr=fit["lr"], betas=(0.9, 0.98))
-    steps, warmup, losses = fit["steps"], fit["warmup"], []
+    steps, warmup, losses = fit["steps"], fit["warmup"], ([], [])
     model.train()
     for step in tqdm(range(steps), desc="fitting the stand-in GPT-2", unit="step", mininterval=2, leave=False):
         for group in opt.param_groups:
             group["lr"] = fit["lr"] * lr_scale(step, steps, warmup)
-        batch = rows[torch.randint(0, len(rows), (fit["batch"],), generator=gen)]
+        kind = int(bool(fit["everyday_every"]) and step % fit["everyday_every"] == fit["everyday_every"] - 1)
+        source = (rows, everyday)[kind]
+        batch = source[torch.randint(0, len(source), (fit["batch"],), generator=gen)]
         batch = batch[:, :int((batch >= 0).sum(1).max())]  # up to the longest row of this batch
         mask = batch >= 0
         loss = model(input_ids=batch.clamp(min=0), attention_mask=mask.long(), labels=batch.masked_fill(~mask, -100)).loss
@@ -101,22 +123,20 @@ def _fit_gpt2(model, rows: torch.Tensor) -> tuple[float, float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss.detach()))
+        losses[kind].append(float(loss.detach()))
     model.eval()
-    return round(losses[0], 4), round(sum(losses[-10:]) / len(losses[-10:]), 4)
+    return round(losses[0][0], 4), *(round(sum(k[-10:]) / max(len(k[-10:]), 1), 4) for k in losses)
 
 
-def _train_tokenizer(dest: Path):
-    """Byte-level BPE on a small corpus, saved and reloaded as a GPT-2 tokenizer."""
+def _train_tokenizer(dest: Path, texts: list[str]):
+    """Byte-level BPE on `texts` and on the listed words themselves, saved and reloaded as a GPT-2
+    tokenizer."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Tokenizer
 
-    from .embedded import EMBEDDED_ATTRIBUTES
-
-    words = " ".join(w for values in EMBEDDED_ATTRIBUTES.values() for w in values)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_CORPUS.splitlines() + [words], vocab_size=_TOKENIZER_VOCAB,
-                            min_frequency=1, special_tokens=[EOS], show_progress=False)
+    bpe.train_from_iterator(texts + [" ".join(vocabulary())] * 2, vocab_size=_TOKENIZER_VOCAB,
+                            min_frequency=2, special_tokens=[EOS], show_progress=False)
     dest.mkdir(parents=True, exist_ok=True)
     bpe.save_model(str(dest))  # vocab.json + merges.txt, GPT-2's own files
     tokenizer = GPT2Tokenizer.from_pretrained(dest, unk_token=EOS, bos_token=EOS, eos_token=EOS)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from .standin_build import CLIP_DATA, EOS  # noqa: F401
 from .standin_clip import _CLIP_FIT, EMBED_DIM, caption_key, clip_archive  # noqa: F401
-from .standin_names import STANDIN_PREFIX, STANDINS_ENV, clip_standin_name, is_standin, standins_home  # noqa: F401
+from .standin_names import (STANDIN_CLIP_DIM, STANDIN_PREFIX, STANDINS_ENV, clip_standin_name, is_standin,  # noqa: F401
+                             standins_home)
 from .standin_text import gpt2_dir, marian_dir, t5_dir  # noqa: F401
 
 _caption_key = caption_key  # the name tests used
