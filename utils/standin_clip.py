@@ -13,7 +13,7 @@ The ViT stand-in's image embedding has two parts (EMBED_DIM = 64 + 48 = 112 dime
   each patch's colour, block 1's MLP writes it into a channel of its own per cell (gated by the position
   embedding), block 2's attention pools the cells into the class token, and the projection copies them
   out. A linear function of the pixels, up to LayerNorm's per-token scale, which large constant
-  "ballast" channels hold nearly fixed: on random images the 48 dimensions equal 0.5 x the cells' mean
+  "ballast" channels hold nearly fixed: on random images the 48 dimensions equal 1.5 x the cells' mean
   colours to within 0.001. So what a picture shows where (which colours, light and dark,
   coarse layout) is in the embedding whatever the picture, and any region grid coarser than 4x4 is a
   linear function of it (tests/test_standins.py probes 3x3 grids of random colours).
@@ -62,7 +62,7 @@ _CELLS = 76  # 48 channels: R, G, B of cell (row, col) at _CELLS + 3 * (4 * row 
 _BALLAST = 124  # 4 channels at +-_BALLAST_VALUE: they hold every LayerNorm's scale nearly fixed
 _BALLAST_VALUE = 60.0
 _GATE, _OFFSET = 40.0, 8.0  # the MLP gate's weight on position, and the offset that keeps QuickGELU linear
-_GRID_SCALE = 0.5  # the fixed dimensions' scale in the embedding, near the fitted ones'
+_GRID_SCALE = 1.5  # the fixed dimensions' scale in the embedding: their spread across images near the fitted ones'
 
 
 def clip_archive(backbone: str, models_dir: str | Path | None = None) -> Path:
@@ -128,7 +128,7 @@ def _fixed_grid_pathway(visual) -> list[tuple[torch.Tensor, torch.Tensor, torch.
     - block 2, attention head 2 (channels 64-127): queries and keys 0, so the class token averages the 17
       tokens; values: channels 76-123; output x17: the class token's channels 76-123 then hold each cell's
       mean colour.
-    - projection: channel 76 + i -> embedding dimension 64 + i, times 0.5; the fitted channels never
+    - projection: channel 76 + i -> embedding dimension 64 + i, times 1.5; the fitted channels never
       reach dimensions 64-111, and the fixed ones never reach 0-63.
     The fitted part (channels 0-63, hidden units 0-255, attention head 1) reads every channel but the
     ballast and writes only channels 0-63.
