@@ -18,6 +18,7 @@ from conftest import ROOT, cli_env, run_cli
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig
 from utils.readers import load_records
 from utils.features import FeatureCacheError, cache_features, default_cache_dir, load_cache
+from utils.standin_names import STANDIN_CLIP_DIM
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
 
@@ -36,7 +37,7 @@ def test_cache_holds_one_row_per_image_and_every_caption(data_dir, tmp_path):
     cache = load_cache(_cache(data, tmp_path / "c", batch_size=16, chunk_size=25))
     records = load_records(data)
     assert cache.meta["complete"] and cache.meta["standin"] and cache.meta["backbone"] == "standin:ViT"
-    assert cache.features.shape == (60, 64) and cache.features.dtype == np.float16
+    assert cache.features.shape == (60, STANDIN_CLIP_DIM) and cache.features.dtype == np.float16
     assert len(cache.captions) == len(records.records)
     assert cache.images["feature_row"].tolist() == list(range(60))
     assert set(cache.captions["image_id"]) == set(cache.images["image_id"])
