@@ -117,7 +117,8 @@ def test_training_writes_history_checkpoints_and_a_bundle(small_cache, data_dir,
     for name in ("checkpoint.pt", "best.pt", "history.json", "history_train.csv", "history_val.csv"):
         assert (tmp_path / "run" / name).is_file()
     loaded = Captioner.from_pretrained(result.bundle)
-    assert loaded.config.clip_dim == 64 and loaded.config.backbone == "standin:ViT"
+    assert loaded.config.clip_dim == load_cache(small_cache).features.shape[1]  # the stand-in CLIP's width
+    assert loaded.config.backbone == "standin:ViT"
     assert loaded.config.lm == "standin:gpt2" and loaded.summary["standin"] is True
     with pytest.raises(TrainingError, match="--resume"):
         train(small_cache, _model(), quick_train_config(tmp_path / "run"), OFFLINE, data_dir)

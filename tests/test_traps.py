@@ -89,7 +89,8 @@ def test_a_1000_token_caption_is_cut_counted_and_trains(cache, models_dir, capsy
     first = captions.index[captions["split"] == "train"][0]
     captions.loc[first, "caption"] = "a very long caption " * 250  # 1000 words, over 1000 tokens
     lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
-    config = ModelConfig(mapper="mlp", clip_dim=64, freeze="full", max_caption_tokens=5000)  # asks for too many
+    config = ModelConfig(mapper="mlp", clip_dim=cache.features.shape[1], freeze="full",
+                         max_caption_tokens=5000)  # asks for too many
     captioner = Captioner(config, lm, tokenizer)
     positions = lm.config.n_positions
     assert captioner.max_caption_tokens == positions - config.prefix_length
