@@ -19,7 +19,9 @@ from PIL import Image
 
 from conftest import ROOT, cli_env, run_cli
 from utils.__main__ import main
-from utils.captioner import Captioner, generate_kwargs, load_language_model
+from utils.captioner import Captioner
+from utils.model import generate_kwargs
+from utils.sources import load_language_model
 from utils.config import (DecodeConfig, DecodeConfigError, ModelConfig, RuntimeConfig, decode_config,
                           standin_preset)
 from utils.images import UnreadableImage
@@ -38,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def untrained(models_dir):
     """Random weights: its captions are gibberish, but each image gets its own, which is all decoding tests need.
     (The MLP mapper keeps random prefixes apart; an untrained transformer mapper maps all to one.)"""
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
     torch.manual_seed(0)
     return Captioner(ModelConfig(mapper="mlp", clip_dim=64, prefix_length=4, freeze="full", backbone="standin:ViT",
                                  max_caption_tokens=16), lm, tokenizer).eval()

@@ -69,7 +69,8 @@ def test_the_second_run_reuses_the_cache_and_the_finished_run_and_says_so(first_
     assert second.scores == first.scores and second.captions == first.captions
     assert again[-1] == "done: features reused, training reused"
     # the notebooks ask paths.py for the same folders
-    assert course_paths("embedded", "ViT-B/32", "mlp", offline=True, data=data_dir, embedded_images=90) == \
+    assert course_paths(DataConfig(dataset="embedded", data_dir=str(data_dir), embedded_images=90), "ViT-B/32", "mlp",
+                        offline=True) == \
         CoursePaths(data_dir, data_dir / "models", first.cache, first.run, first.bundle)
 
 

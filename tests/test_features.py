@@ -17,7 +17,8 @@ from PIL import Image
 from conftest import ROOT, cli_env, run_cli
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig
 from utils.readers import load_records
-from utils.features import FeatureCacheError, cache_features, default_cache_dir, load_cache
+from utils.features import FeatureCacheError, cache_features, load_cache
+from utils.paths import default_cache_dir
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
 

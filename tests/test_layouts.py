@@ -15,7 +15,8 @@ from layouts import (FOOD_EMPTY, FOOD_MULTILINE, FOOD_NON_ASCII_ROWS, FOOD_ROWS,
                      write_img2dataset)
 from utils.config import DataConfig
 from utils.csvtext import MAX_RECORD_LINES
-from utils.features import default_cache_dir, load_cache
+from utils.features import load_cache
+from utils.paths import default_cache_dir
 from utils.images import MAX_IMAGE_PIXELS, UnreadableImage, decode_image, open_image
 from utils.readers import load_records
 from utils.shards import expand_braces

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import embedded_set
-from utils.captioner import Captioner, load_language_model
+from utils.captioner import Captioner
+from utils.sources import load_language_model
 from utils.config import ModelConfig
 from utils.calibration import CALIBRATION_ROWS, calibration_captions, calibration_scores, closing_table
 from utils.evaluation import PAPER_REFERENCE, embedded_truth, facts_right, temperature_summary, temperature_table
@@ -32,7 +33,7 @@ def test_facts_right_counts_the_five_facts_whatever_the_wording():
 @pytest.fixture(scope="module")
 def prefitted(models_dir):
     """An untrained mapper on the pre-fitted stand-in GPT-2."""
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
     torch.manual_seed(0)
     return Captioner(ModelConfig(mapper="mlp", clip_dim=64, prefix_length=4, freeze="full", backbone="standin:ViT",
                                  max_caption_tokens=24), lm, tokenizer).eval()
@@ -45,7 +46,7 @@ def prompted(models_dir, tmp_path_factory):
     restates what the prompt says, so each image's true facts are known without training anything."""
     captions = embedded_set(tmp_path_factory.mktemp("prompted") / "embedded", n_images=16, seed=5)
     names = sorted(captions)
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
     eos = tokenizer.eos_token_id
     rows = [[eos, *tokenizer(captions[n][0])["input_ids"], eos] for n in names]
     length = max(map(len, rows))
@@ -126,7 +127,7 @@ def test_the_closing_table_has_the_calibration_rows_and_the_paper_only_for_karpa
 
 def test_drive_is_mounted_on_colab_only_when_asked(monkeypatch, tmp_path):
     """Colab's own `google.colab.drive` cannot run here: a stand-in module records the call."""
-    import utils.runtime
+    import utils.setup
 
     mounted = []
     colab = types.ModuleType("google.colab")
@@ -134,9 +135,9 @@ def test_drive_is_mounted_on_colab_only_when_asked(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
     monkeypatch.setitem(sys.modules, "google.colab", colab)
     monkeypatch.delenv("CLIPCAP_DATA", raising=False)
-    assert utils.runtime.mount_drive(str(tmp_path / "d")) is None and not mounted  # not on Colab: nothing
-    monkeypatch.setattr(utils.runtime, "detect_platform", lambda: "colab")
-    assert utils.runtime.mount_drive(str(tmp_path / "d")) == str(tmp_path / "d")
+    assert utils.setup.mount_drive(str(tmp_path / "d")) is None and not mounted  # not on Colab: nothing
+    monkeypatch.setattr(utils.setup, "detect_platform", lambda: "colab")
+    assert utils.setup.mount_drive(str(tmp_path / "d")) == str(tmp_path / "d")
     assert mounted == ["/content/drive"] and (tmp_path / "d").is_dir()
     assert os.environ["CLIPCAP_DATA"] == str(tmp_path / "d")
 

@@ -51,7 +51,7 @@ def test_first_cell_is_the_same_everywhere_and_second_is_the_parameters():
     first = {path.name: _source(_code_cells(_read(path))[0]) for path in NOTEBOOKS}
     assert len(set(first.values())) == 1, f"the first code cell differs between notebooks: {sorted(first)}"
     setup = next(iter(first.values()))
-    assert "utils.runtime.notebook_setup(drive=False)" in setup and "@v0" in setup, "one pinned install line, one setup call"
+    assert "utils.setup.notebook_setup(drive=False)" in setup and "@v0" in setup, "one pinned install line, one setup call"
     for path in NOTEBOOKS:
         second = _code_cells(_read(path))[1]
         assert "parameters" in second.get("metadata", {}).get("tags", []), f"{path.name}: cell 2 is not tagged"
@@ -69,14 +69,14 @@ def test_notebook_reads_as_the_course_style_asks(path):
 
 
 def test_notebook_setup_shows_an_unusable_gpu_as_a_message(monkeypatch, capsys):
-    import utils.runtime
+    import utils.setup
 
-    report = utils.runtime.environment_report()
+    report = utils.setup.environment_report()
     report.update(device="cuda: Tesla P100-PCIE-16GB", compute_capability="6.0", gpu_memory_free_gib=15.9,
                   gpu_memory_total_gib=16.0, gpu_check="This torch has no kernels for your GPU Tesla P100 ... "
                   "Settings -> Accelerator -> 'GPU T4 x2'")
-    monkeypatch.setattr(utils.runtime, "environment_report", lambda device="auto": report)
-    assert utils.runtime.notebook_setup() is report
+    monkeypatch.setattr(utils.setup, "environment_report", lambda device="auto": report)
+    assert utils.setup.notebook_setup() is report
     out = capsys.readouterr().out
     assert "GPU NOT USABLE" in out and "GPU T4 x2" in out and "15.9 of 16.0 GiB GPU memory free" in out
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from utils.captioner import Captioner, load_language_model
+from utils.captioner import Captioner
+from utils.sources import load_language_model
 from utils.config import DecodeConfig, ModelConfig
 from utils.share import ShareError, export_file, import_file, publish, resolve_bundle
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def bundle(models_dir, tmp_path_factory):
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
     torch.manual_seed(0)
     captioner = Captioner(ModelConfig(mapper="mlp", clip_dim=64, prefix_length=4, freeze="full",
                                       backbone="standin:ViT", max_caption_tokens=12), lm, tokenizer).eval()

@@ -113,10 +113,10 @@ def test_standin_tokenizer_round_trips_any_text(models_dir):
 def test_standins_live_in_one_folder_per_machine(monkeypatch, tmp_path, models_dir):
     """CLIPCAP_STANDINS, else $XDG_CACHE_HOME/clipcap-course, else ~/.cache/clipcap-course; this session's
     tests point it at a temporary folder (conftest), and every data folder's loaders read from there."""
-    from utils.captioner import language_model_source
+    from utils.sources import language_model_source
 
     assert models_dir == standins.standins_home() and str(models_dir).startswith(str(models_dir.parent))
-    assert language_model_source("gpt2", True, tmp_path / "some-data-folder" / "models")[0] == str(models_dir / "standin-gpt2")
+    assert language_model_source("gpt2", True)[0] == str(models_dir / "standin-gpt2")
     monkeypatch.delenv(standins.STANDINS_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert standins.standins_home().parent == tmp_path / "xdg" / "clipcap-course"

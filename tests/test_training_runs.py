@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_env, quick_train_config, run_cli
-from utils.captioner import Captioner, load_language_model
+from utils.captioner import Captioner
+from utils.sources import load_language_model
 from utils.config import ConfigError, DecodeConfig, ModelConfig, RuntimeConfig, TrainConfig, standin_preset
 from utils.training import (MAX_SKIPPED_STEPS, TrainingError, check_steps, get_lr, load_trainable, train,
                             train_step, warmup_for)
@@ -211,7 +212,7 @@ def _model() -> ModelConfig:
 @pytest.fixture(scope="module")
 def tiny(models_dir):
     def make(freeze="full", **changes):
-        lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+        lm, tokenizer, _ = load_language_model("gpt2", offline=True)
         torch.manual_seed(0)
         return Captioner(ModelConfig(clip_dim=64, prefix_length=3, clip_length=2, num_layers=1, num_heads=4,
                                      freeze=freeze, **changes), lm, tokenizer)

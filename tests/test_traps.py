@@ -31,7 +31,9 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.captioner import Captioner, CaptionerError, generate_kwargs, load_language_model
+from utils.captioner import Captioner
+from utils.model import CaptionerError, generate_kwargs
+from utils.sources import load_language_model
 from utils.config import (DataConfig, DecodeConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
                           standin_preset)
 from utils.readers import load_records
@@ -88,7 +90,7 @@ def test_a_1000_token_caption_is_cut_counted_and_trains(cache, models_dir, capsy
     captions = cache.captions.copy()
     first = captions.index[captions["split"] == "train"][0]
     captions.loc[first, "caption"] = "a very long caption " * 250  # 1000 words, over 1000 tokens
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
     config = ModelConfig(mapper="mlp", clip_dim=64, freeze="full", max_caption_tokens=5000)  # asks for too many
     captioner = Captioner(config, lm, tokenizer)
     positions = lm.config.n_positions
@@ -142,7 +144,7 @@ def test_editing_the_captions_file_is_noticed_by_everything_made_from_it(data_di
 def test_normalisation_and_clip_width_travel_with_the_bundle(models_dir, tmp_path):
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
     for normalize in (True, False):
-        lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+        lm, tokenizer, _ = load_language_model("gpt2", offline=True)
         torch.manual_seed(0)
         config = ModelConfig(mapper="mlp", clip_dim=64, backbone="standin:ViT", normalize_prefix=normalize,
                              max_caption_tokens=12)

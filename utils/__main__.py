@@ -30,7 +30,7 @@ def _captions(data: DataConfig, runtime: RuntimeConfig):
 def cmd_info(args) -> None:
     from .features import FeatureCacheError, load_cache
     from .paths import features_dir, models_dir
-    from .runtime import environment_report
+    from .setup import environment_report
 
     report = environment_report(args.device or "auto")
     width = max(map(len, report))
@@ -90,7 +90,7 @@ def cmd_train(args):
     from accelerate import PartialState
 
     from .course import default_configs, training_report
-    from .features import default_cache_dir
+    from .paths import default_cache_dir
     from .runtime import is_offline
     from .training import TrainingInterrupted, train
 
@@ -212,7 +212,7 @@ def cmd_serve(args) -> None:
     """The web demo of a trained captioner, until Ctrl+C; the page's knobs start from the decoding flags."""
     from werkzeug.serving import make_server
 
-    from .captioner import CaptionerError
+    from .model import CaptionerError
     from .serve import VALIDATION, bundle_title, create_app, folder_examples, validation_examples
 
     decode = decode_config(**given_arguments(DecodeConfig, args))
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .captioner import CaptionerError
+    from .model import CaptionerError
     from .clipcap_import import ClipCapImportError
     from .records import DatasetError
     from .download import DownloadError

@@ -165,7 +165,8 @@ def bench_models(arch: str, device: torch.device, models_dir: Path | None = None
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
 
-    from .captioner import Captioner, load_language_model
+    from .captioner import Captioner
+    from .sources import load_language_model
     from .config import ModelConfig
     from .standins import gpt2_dir
 
@@ -183,7 +184,7 @@ def bench_models(arch: str, device: torch.device, models_dir: Path | None = None
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del lm
-        ours_lm, tokenizer, _ = load_language_model(tmp, offline=False, models_dir=models_dir)
+        ours_lm, tokenizer, _ = load_language_model(tmp, offline=False)
         base_lm = AutoModelForCausalLM.from_pretrained(tmp) if clipcap else None
     torch.manual_seed(1)
     ours = Captioner(cfg, ours_lm, tokenizer).to(device)

@@ -21,6 +21,7 @@ from .config import ModelConfig
 from .files import atomic_dir, read_json, write_json
 from .model import CaptionerError
 from .paths import FEATURES, RUNS, data_dir, in_data, relative_to_data
+from .sources import NO_REMOTE_CODE, lm_class, load_tokenizer
 
 BUNDLE_VERSION = 1
 
@@ -53,9 +54,7 @@ def load(cls, path: str | Path, device: str | torch.device = "cpu"):
     """A `cls` (CaptionModel or a subclass) from the bundle at `path`, with `.summary` and `.bundle_path`;
     CaptionerError saying what to do when the folder is not a bundle, or a damaged one."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
-    from .model import lm_class
     from .share import resolve_bundle
 
     path = resolve_bundle(path)  # a folder as it is; a .clipcap file, a Hub id or a Kaggle handle fetched first
@@ -69,8 +68,8 @@ def load(cls, path: str | Path, device: str | torch.device = "cpu"):
                                  f"version {BUNDLE_VERSION}.")
         config = ModelConfig(**meta["model"])
         cls_lm, lm_config = lm_class(path / "lm")  # a causal LM, or an encoder-decoder (T5)
-        lm = cls_lm.from_pretrained(path / "lm", config=lm_config)
-        model = cls(config, lm, AutoTokenizer.from_pretrained(path / "lm"))
+        lm = cls_lm.from_pretrained(path / "lm", config=lm_config, **NO_REMOTE_CODE)
+        model = cls(config, lm, load_tokenizer(path / "lm"))
         model.mapper.load_state_dict(load_file(str(path / "mapper.safetensors")))
     except CaptionerError:
         raise

@@ -16,13 +16,12 @@ import torch
 from PIL import Image
 
 from . import bundle
-from .clip_encoder import as_stored, encode_images, load_clip
+from .clip_encoder import as_stored, encode_images
 from .config import DecodeConfig, decode_config
-from .images import UnreadableImage
-# the model's names, also importable from here as before the split (utils.captioner.load_language_model, ...)
-from .model import (CaptionerError, CaptionModel, apply_freeze, final_norm, generate_kwargs,  # noqa: F401
-                    language_model_source, load_language_model, transformer_blocks)
+from .images import UnreadableImage, image_name
+from .model import CaptionerError, CaptionModel
 from .paths import models_dir as default_models_dir
+from .sources import load_clip
 from .standins import is_standin
 
 
@@ -116,10 +115,3 @@ class Captioner(CaptionModel):
         """The feature cache (FeatureCache) this captioner was trained on, found on this machine even after
         its data folder moved; CaptionerError says where it looked when it is not here (bundle.py)."""
         return bundle.training_cache(self.summary, self.bundle_path, data_dir)
-
-
-def image_name(image, position: int) -> str:
-    """A path as given; a PIL image by the file it was opened from, else by its position."""
-    if isinstance(image, Image.Image):
-        return getattr(image, "filename", "") or f"image {position}"
-    return str(image)

@@ -29,8 +29,7 @@ import torch
 
 from .captioner import Captioner
 from .config import ModelConfig, RuntimeConfig
-from .model import language_model_source
-from .paths import models_dir as default_models_dir
+from .sources import NO_REMOTE_CODE, language_model_source, load_tokenizer
 from .runtime import is_offline
 
 # Embedding width of each CLIP: the mapper's input width says which backbones can feed it.
@@ -47,7 +46,7 @@ class ClipCapImportError(ValueError):
 
 
 def import_clipcap(weights: str | Path, out: str | Path, runtime: RuntimeConfig = RuntimeConfig(),
-                   models_dir: str | Path | None = None, **settings) -> Captioner:
+                   **settings) -> Captioner:
     """Read a ClipCap checkpoint, save it as a captioner bundle at `out`, and return the captioner.
 
     `settings` are ModelConfig fields: those the shapes decide (mapper, prefix_length, ...) must agree
@@ -68,9 +67,7 @@ def import_clipcap(weights: str | Path, out: str | Path, runtime: RuntimeConfig 
     if CLIP_WIDTHS.get(backbone, found["clip_dim"]) != found["clip_dim"]:
         raise ClipCapImportError(f"{path} takes {found['clip_dim']}-d CLIP embeddings, but {backbone} gives "
                                  f"{CLIP_WIDTHS[backbone]}-d ones: {_backbones_of(found['clip_dim'])}.")
-    models_dir = Path(models_dir or default_models_dir())
-    lm, tokenizer, lm_name = _language_model(state, settings.get("lm", "gpt2"), is_offline(runtime.offline),
-                                             models_dir, path)
+    lm, tokenizer, lm_name = _language_model(state, settings.get("lm", "gpt2"), is_offline(runtime.offline), path)
     defaults = dict(num_heads=CLIPCAP_HEADS, freeze="full" if found["mapper"] == "mlp" else "frozen",
                     normalize_prefix=found["mapper"] == "transformer", stop_token=".",
                     max_caption_tokens=CLIPCAP_LENGTH, dropout=0.0)
@@ -158,12 +155,12 @@ def _guess_backbone(width: int, path: Path) -> str:
     return PAPER_BACKBONES[width]
 
 
-def _language_model(state: dict, name: str, offline: bool, models_dir: Path, path: Path):
+def _language_model(state: dict, name: str, offline: bool, path: Path):
     """GPT-2 built from `name`'s config (the hub's gpt2; offline the stand-in) holding the file's weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    source, recorded = language_model_source(name, offline, models_dir)
-    config = AutoConfig.from_pretrained(source)
+    source, recorded = language_model_source(name, offline)
+    config = AutoConfig.from_pretrained(source, **NO_REMOTE_CODE)
     lm = AutoModelForCausalLM.from_config(config)
     weights = {k.removeprefix("gpt."): v for k, v in state.items() if k.startswith("gpt.")}
     hint = ("Offline, the language model is the stand-in GPT-2: run with network, or pass --lm FOLDER holding "
@@ -171,7 +168,7 @@ def _language_model(state: dict, name: str, offline: bool, models_dir: Path, pat
             "Pass --lm naming the GPT-2 these weights were trained from.")
     tied = frozenset({"lm_head.weight"})  # GPT-2's output layer is its token embedding
     _load(lm, weights, f"the GPT-2 in {path} does not fit {recorded}", hint, tied)
-    return lm, AutoTokenizer.from_pretrained(source), recorded
+    return lm, load_tokenizer(source), recorded
 
 
 def _load(module: torch.nn.Module, weights: dict, what: str, hint: str, optional: frozenset = frozenset()) -> None:

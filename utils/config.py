@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .paths import default_data_dir
-from .controls import METHOD_ONLY  # settings only one method reads: the table of decoding controls
 
 DATASETS = ("embedded", "flickr30k", "food", "coco", "karpathy", "csv", "folder", "webdataset")
 Dataset = Literal["embedded", "flickr30k", "food", "coco", "karpathy", "csv", "folder", "webdataset"]
@@ -29,11 +28,16 @@ class ConfigError(ValueError):
 
 
 def setting(default=dataclasses.MISSING, help: str = "", *, factory=None, min=None, above=None, max=None,
-            pattern: str | None = None, allowed: str | None = None):
+            pattern: str | None = None, allowed: str | None = None, read_by: tuple[str, ...] | None = None,
+            refused_elsewhere: bool = True):
     """A dataclass field with its help text and allowed range: `min` <= value (<= `max`), `above` < value,
-    or a string matching `pattern` (described to users as `allowed`). Choices are the field's `Literal` type."""
-    rules = {k: v for k, v in dict(min=min, above=above, max=max, pattern=pattern, allowed=allowed).items()
-             if v is not None}
+    or a string matching `pattern` (described to users as `allowed`). Choices are the field's `Literal` type.
+    DecodeConfig's fields say which decoding methods read them (`read_by`, default: all), and whether one
+    given with another method is refused (`refused_elsewhere`: see METHOD_ONLY)."""
+    rules = {k: v for k, v in dict(min=min, above=above, max=max, pattern=pattern, allowed=allowed,
+                                   read_by=read_by).items() if v is not None}
+    if read_by is not None:
+        rules["refused_elsewhere"] = refused_elsewhere
     metadata = {"help": help, **rules}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
@@ -253,18 +257,22 @@ class DecodeConfig(Settings):
 
     method: Method = setting("greedy", "greedy: the likeliest token each step; beam: the best of --num-beams "
                                        "captions; sample: draw each token")
-    num_beams: int = setting(5, "beam: captions kept at each step")
-    length_penalty: float = setting(1.0, "beam: ranks by log-prob / length**length_penalty (>1 favours longer)")
-    temperature: float = setting(1.0, "sample: <1 sharpens the distribution (towards greedy), >1 flattens it")
-    top_k: int = setting(0, "sample: draw only from the k likeliest tokens (0: from all)", min=0)
+    num_beams: int = setting(5, "beam: captions kept at each step", read_by=("beam",))
+    length_penalty: float = setting(1.0, "beam: ranks by log-prob / length**length_penalty (>1 favours longer)",
+                                    read_by=("beam",))
+    temperature: float = setting(1.0, "sample: <1 sharpens the distribution (towards greedy), >1 flattens it",
+                                 read_by=("sample",))
+    top_k: int = setting(0, "sample: draw only from the k likeliest tokens (0: from all)", min=0, read_by=("sample",))
     top_p: float = setting(1.0, "sample: draw only from the likeliest tokens holding this much probability (1: all)",
-                           above=0, max=1)
+                           above=0, max=1, read_by=("sample",))
     repetition_penalty: float = setting(1.0, ">1 makes tokens already in the caption less likely", above=0)
     no_repeat_ngram_size: int = setting(0, "never repeat an n-gram of this many tokens (0: allowed)", min=0)
     max_new_tokens: int | None = setting(None, "longest caption in tokens (default: the captioner's "
                                                "max_caption_tokens)", min=1)
-    num_return_sequences: int = setting(1, "captions per image: sample draws N, beam returns its N best")
-    seed: int | None = setting(None, "sample: the same seed gives the same captions (default: a new draw each call)")
+    num_return_sequences: int = setting(1, "captions per image: sample draws N, beam returns its N best",
+                                        read_by=("beam", "sample"), refused_elsewhere=False)  # greedy: conflicts()
+    seed: int | None = setting(None, "sample: the same seed gives the same captions (default: a new draw each call)",
+                               read_by=("sample",), refused_elsewhere=False)  # harmless elsewhere: --seed seeds runs
     stop_at_period: bool = setting(False, "also stop after the first '.' (EOS always stops a caption)")
 
     def conflicts(self) -> list[str]:
@@ -281,6 +289,19 @@ class DecodeConfig(Settings):
             problems.append(f"beam search returns at most num_beams ({self.num_beams}) captions, not "
                             f"num_return_sequences={self.num_return_sequences}")
         return problems
+
+
+# Which decoding methods read a DecodeConfig field (a field not here: every method), stated once, on the fields.
+READ_BY = {f.name: f.metadata["read_by"] for f in dataclasses.fields(DecodeConfig) if "read_by" in f.metadata}
+# Settings that only one method reads: given to another, decode_config refuses them rather than leave them unused.
+METHOD_ONLY = {f.name: f.metadata["read_by"][0] for f in dataclasses.fields(DecodeConfig)
+               if f.metadata.get("refused_elsewhere")}
+assert all(len(READ_BY[name]) == 1 for name in METHOD_ONLY), "a refused setting names one method"
+
+
+def reads(method: str, field: str) -> bool:
+    """Whether decoding with `method` reads the DecodeConfig field."""
+    return method in READ_BY.get(field, DECODE_METHODS)
 
 
 def decode_config(base: DecodeConfig | None = None, **given) -> DecodeConfig:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import DataConfig, DecodeConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig, standin_preset
 from .files import read_json
-from .paths import bundle_dir, models_dir, run_dir
+from .paths import bundle_dir, default_cache_dir, models_dir, run_dir
 from .runtime import announce_offline, is_offline
 
 EXAMPLES = 5  # test images captioned at the end, to read
@@ -117,7 +117,7 @@ def run_course(data: DataConfig | None = None, features: FeatureConfig | None = 
     from .captioner import Captioner
     from .calibration import closing_report
     from .evaluation import METRICS, evaluate_split
-    from .features import cache_features, default_cache_dir, load_cache
+    from .features import cache_features, load_cache
     from .runtime import resolve_device
     from .training import TrainingError
     from .training import train as train_captioner

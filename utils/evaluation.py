@@ -31,12 +31,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .captioner import image_name
 from .clipscore import clip_score, clip_scores, ref_clip_score  # noqa: F401 (here too, beside the COCO metrics)
 from .clip_encoder import draft_size
 from .config import DecodeConfig
 from .embedded import EMBEDDED_ATTRIBUTES, embedded_attributes
-from .images import UnreadableImage, open_image
+from .images import UnreadableImage, image_name, open_image
 from .files import write_json
 
 METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,13 +28,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import __version__
-from .clip_encoder import STORED_DTYPE, encode_batches, load_clip, precision
+from .clip_encoder import STORED_DTYPE, encode_batches, precision
 from .config import DataConfig, FeatureConfig, RuntimeConfig
 from .records import Captions, file_stamp
 from .files import atomic_path, read_json, write_json
-from .paths import features_dir, models_dir
+from .paths import default_cache_dir, models_dir
 from .runtime import is_offline, resolve_device
-from .standins import clip_standin_name
+from .sources import load_clip
 
 FORMAT_VERSION = 1
 # Settings that decide what the numbers in features.npy mean: a cache that differs in any is refused.
@@ -61,31 +60,6 @@ class FeatureCache:
     def split(self, name: str) -> pd.DataFrame:
         """The caption rows of one split ('train', 'val', 'test')."""
         return self.captions[self.captions["split"] == name]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
-
-
-def source_key(data: DataConfig) -> str | None:
-    """A short hash of the captions file and images folder a set is read from (None for a download or the
-    embedded set, which have one place in a data folder): two sets never share a cache folder."""
-    given = [os.path.abspath(os.path.expanduser(p)) for p in (data.path, data.images_dir) if p]
-    if not given:
-        return None
-    return hashlib.sha256("\n".join([data.dataset, *given]).encode("utf-8", "surrogateescape")).hexdigest()[:8]
-
-
-def default_cache_dir(data: DataConfig, backbone: str, offline: bool = False) -> Path:
-    """data_dir/features/<dataset>-<backbone> for a download or the embedded set; for a set read from
-    --path, <dataset>-<file name>-<hash of file and images folder>-<backbone>. Offline the stand-in's
-    name stands for the backbone, so real and stand-in features never mix."""
-    slug = _slug(clip_standin_name(backbone) if offline else backbone)
-    key = source_key(data)
-    if key is None:
-        return features_dir(data.data_dir) / f"{data.dataset}-{slug}"
-    stem = _slug(Path(data.path).stem if data.path else "images")[:40]
-    return features_dir(data.data_dir) / f"{data.dataset}-{stem}-{key}-{slug}"
 
 
 def _refuse_all_missing(captions: Captions, paths: list[str]) -> None:

@@ -170,3 +170,10 @@ def preview_png(image: Image.Image, side: int) -> bytes:
     buf = io.BytesIO()
     image.convert("RGB").resize(size, resample).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def image_name(image, position: int) -> str:
+    """A path as given; a PIL image by the file it was opened from, else by its position."""
+    if isinstance(image, Image.Image):
+        return getattr(image, "filename", "") or f"image {position}"
+    return str(image)

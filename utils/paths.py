@@ -2,7 +2,7 @@
 
     <data folder>/              CLIPCAP_DATA, else /kaggle/working/data on Kaggle, else data/ of the checkout
         models/                 downloaded CLIP weights and the built stand-ins
-        features/<name>/        feature caches (the name: see features.default_cache_dir)
+        features/<name>/        feature caches (the name: see default_cache_dir)
         runs/<dataset>-<mapper>/  a training run: checkpoints, history, results
             captioner/          the run's captioner bundle
 
@@ -13,11 +13,15 @@ cache relative to the data folder (`relative_to_data`) and find it again after t
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .runtime import detect_platform
+from .standin_names import clip_standin_name
 
 MODELS, FEATURES, RUNS, BUNDLE = "models", "features", "runs", "captioner"
 
@@ -77,17 +81,48 @@ class CoursePaths:
     bundle: Path  # the captioner bundle the run exports, read by notebooks 04 and 05
 
 
-def course_paths(dataset: str = "embedded", backbone: str = "ViT-B/32", mapper: str = "transformer",
-                 offline: bool = False, data: str | Path | None = None, **data_settings) -> CoursePaths:
-    """Every folder a run of the course uses, from the settings the notebooks share; `data_settings` are
-    further DataConfig fields (max_images, ...)."""
-    from .config import DataConfig
-    from .features import default_cache_dir
+class DataPlace(Protocol):
+    """What the folder rules read of a `config.DataConfig` (config.py is the layer above: it asks here for
+    the data folder, so this module does not import it)."""
 
-    config = DataConfig(dataset=dataset, data_dir=str(data_dir(data)), **data_settings)
-    run = run_dir(config.data_dir, dataset, mapper)
-    return CoursePaths(Path(config.data_dir), models_dir(config.data_dir),
-                       default_cache_dir(config, backbone, offline), run, bundle_dir(run))
+    dataset: str
+    data_dir: str
+    path: str | None
+    images_dir: str | None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def source_key(data: DataPlace) -> str | None:
+    """A short hash of the captions file and images folder a set is read from (None for a download or the
+    embedded set, which have one place in a data folder): two sets never share a cache folder."""
+    given = [os.path.abspath(os.path.expanduser(p)) for p in (data.path, data.images_dir) if p]
+    if not given:
+        return None
+    return hashlib.sha256("\n".join([data.dataset, *given]).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def default_cache_dir(data: DataPlace, backbone: str, offline: bool = False) -> Path:
+    """data_dir/features/<dataset>-<backbone> for a download or the embedded set; for a set read from
+    --path, <dataset>-<file name>-<hash of file and images folder>-<backbone>. Offline the stand-in's
+    name stands for the backbone, so real and stand-in features never mix."""
+    slug = _slug(clip_standin_name(backbone) if offline else backbone)
+    key = source_key(data)
+    if key is None:
+        return features_dir(data.data_dir) / f"{data.dataset}-{slug}"
+    stem = _slug(Path(data.path).stem if data.path else "images")[:40]
+    return features_dir(data.data_dir) / f"{data.dataset}-{stem}-{key}-{slug}"
+
+
+def course_paths(data: DataPlace, backbone: str = "ViT-B/32", mapper: str = "transformer",
+                 offline: bool = False) -> CoursePaths:
+    """Every folder a run of the course uses, from the settings the notebooks share: the DataConfig
+    (dataset, data folder, ...) and the backbone, mapper and offline setting."""
+    run = run_dir(data.data_dir, data.dataset, mapper)
+    return CoursePaths(Path(data.data_dir), models_dir(data.data_dir), default_cache_dir(data, backbone, offline),
+                       run, bundle_dir(run))
 
 
 def relative_to_data(path: str | Path, data: str | Path | None = None) -> str:

@@ -56,8 +56,8 @@ import torch
 
 from .files import atomic_path, write_json
 from .paths import user_cache
+from .standin_names import STANDIN_PREFIX, STANDINS_ENV, clip_standin_name, is_standin  # noqa: F401
 
-STANDIN_PREFIX = "standin:"
 EOS = "<|endoftext|>"
 
 # Tiny shapes: a ViT or a ModifiedResNet of CLIP's own classes. Widths are multiples of 64 because
@@ -79,7 +79,6 @@ _CLIP_FIT = dict(images=3000, seed=12345, steps=600, batch=64, lr=1e-3, warmup=2
 _GPT2 = dict(n_positions=256, n_embd=64, n_layer=12, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 # How it is pre-fitted (see `_fit_gpt2`): next-token loss on pairs of captions of the private drawings.
 _GPT2_FIT = dict(steps=300, batch=32, lr=6e-3, warmup=20, weight_decay=0.01, seed=12345)
-STANDINS_ENV = "CLIPCAP_STANDINS"  # where the stand-ins are built, once per machine (see standins_home)
 _STANDINS_VERSION = 2  # bump when a stand-in's recipe changes: the machine's old copies are then not used
 _TOKENIZER_VOCAB = 600
 
@@ -92,10 +91,6 @@ a group of people stand on the left side of the picture . there is a large blue 
 a little green triangle sits at the bottom of the image , on a dark background .
 an orange square in the centre , a yellow circle on the right , a purple cross on the left !
 what is in this picture ? it shows one shape , small or large , in some colour and place ."""
-
-
-def is_standin(name: str) -> bool:
-    return str(name).startswith(STANDIN_PREFIX)
 
 
 def standins_home() -> Path:
@@ -113,13 +108,6 @@ def _announce(what: str, where: Path, seconds: str) -> float:
     print(f"building the {what} once for this machine in {where} (about {seconds} on one CPU core; "
           "every later run reuses it)", file=sys.stderr, flush=True)
     return time.perf_counter()
-
-
-def clip_standin_name(backbone: str) -> str:
-    """'ViT-B/32' -> 'standin:ViT' (RN* names get the ResNet stand-in), as recorded in caches; a stand-in
-    name stays itself."""
-    kind = str(backbone).removeprefix(STANDIN_PREFIX)
-    return STANDIN_PREFIX + ("RN" if kind.upper().startswith("RN") else "ViT")
 
 
 def clip_archive(backbone: str, models_dir: str | Path | None = None) -> Path:

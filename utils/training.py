@@ -35,7 +35,7 @@ from .captioner import Captioner
 from .config import ModelConfig, RuntimeConfig, TrainConfig
 from .features import FeatureCache, load_cache
 from .files import atomic_path, write_json
-from .model import load_language_model
+from .sources import load_language_model
 from .paths import models_dir, run_dir
 from .schedule import (MAX_WARMUP_SHARE, batch_recipe, effective_batch, epoch_order, epoch_steps,  # noqa: F401
                        get_lr, length_bucketed_batches, padding_share, run_steps, warmup_for)
@@ -126,7 +126,7 @@ def build_captioner(model_cfg: ModelConfig, cache: FeatureCache, runtime: Runtim
                     models_dir: Path) -> Captioner:
     """A fresh captioner whose CLIP width and backbone come from the feature cache it will read."""
     model_cfg = dataclasses.replace(model_cfg, clip_dim=int(cache.meta["clip_dim"]), backbone=cache.meta["backbone"])
-    lm, tokenizer, lm_name = load_language_model(model_cfg.lm, is_offline(runtime.offline), models_dir)
+    lm, tokenizer, lm_name = load_language_model(model_cfg.lm, is_offline(runtime.offline))
     torch.manual_seed(runtime.seed)  # after the LM: building a stand-in on first use draws random numbers too
     return Captioner(dataclasses.replace(model_cfg, lm=lm_name), lm, tokenizer)
 
