@@ -14,7 +14,8 @@ from conftest import run_cli
 from utils.captioner import Captioner
 from utils.sources import load_language_model
 from utils.config import DecodeConfig, ModelConfig
-from utils.share import ShareError, export_file, import_file, publish, resolve_bundle
+from utils.bundle_files import ShareError, import_file, resolve_bundle
+from utils.share import export_file, publish
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +133,7 @@ def test_from_pretrained_takes_the_single_file(bundle, tmp_path, monkeypatch):
 
 
 def test_a_mistyped_local_bundle_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
-    from utils.share import parse_source
+    from utils.bundle_files import parse_source
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

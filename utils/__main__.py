@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     from .features import FeatureCacheError
     from .files import DiskFull
     from .runtime import GPUUnsupported
-    from .share import ShareError
+    from .bundle_files import ShareError
     from .training import TrainingError
     from .translate import TranslationError
 

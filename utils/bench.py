@@ -166,12 +166,12 @@ def bench_models(arch: str, device: torch.device, models_dir: Path | None = None
     from transformers.utils import logging
 
     from .captioner import Captioner
-    from .sources import load_language_model
+    from .sources import NO_REMOTE_CODE, load_language_model
     from .config import ModelConfig
     from .standins import gpt2_dir
 
     logging.disable_progress_bar()  # saving and loading the random LM: no bars in the bench's output
-    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir(models_dir))  # only its EOS id is used here
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir(models_dir), **NO_REMOTE_CODE)  # only its EOS id is used here
     torch.manual_seed(0)
     if arch == "tiny":
         lm = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=len(tokenizer),
@@ -185,7 +185,7 @@ def bench_models(arch: str, device: torch.device, models_dir: Path | None = None
         tokenizer.save_pretrained(tmp)
         del lm
         ours_lm, tokenizer, _ = load_language_model(tmp, offline=False)
-        base_lm = AutoModelForCausalLM.from_pretrained(tmp) if clipcap else None
+        base_lm = AutoModelForCausalLM.from_pretrained(tmp, **NO_REMOTE_CODE) if clipcap else None
     torch.manual_seed(1)
     ours = Captioner(cfg, ours_lm, tokenizer).to(device)
     if not clipcap:

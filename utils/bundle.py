@@ -55,7 +55,7 @@ def load(cls, path: str | Path, device: str | torch.device = "cpu"):
     CaptionerError saying what to do when the folder is not a bundle, or a damaged one."""
     from safetensors.torch import load_file
 
-    from .share import resolve_bundle
+    from .bundle_files import resolve_bundle
 
     path = resolve_bundle(path)  # a folder as it is; a .clipcap file, a Hub id or a Kaggle handle fetched first
     if not (path / "config.json").is_file():

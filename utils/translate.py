@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .runtime import announce_offline, is_offline
+from .sources import NO_REMOTE_CODE
 from .standins import STANDIN_PREFIX, is_standin, marian_dir
 
 HUB_NAME = "Helsinki-NLP/opus-mt-en-{lang}"
@@ -90,7 +91,7 @@ def load_translator(lang: str, offline: bool | None = None, models_dir: str | Pa
     else:
         source = name = HUB_NAME.format(lang=lang)
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(source).eval()
+        model = AutoModelForSeq2SeqLM.from_pretrained(source, **NO_REMOTE_CODE).eval()
     except OSError as exc:  # not on the hub, no network, a broken download
         raise TranslationError(f"no translation model for {language_name(lang)}: {name} cannot be loaded "
                                f"({str(exc).splitlines()[0]}). Models exist for {', '.join(LANGUAGES)} and more "
@@ -100,7 +101,7 @@ def load_translator(lang: str, offline: bool | None = None, models_dir: str | Pa
     if not is_standin(name) and importlib.util.find_spec("sentencepiece") is None:
         raise TranslationError(f"translating to {language_name(lang)} with {name} needs the sentencepiece "
                                f"package (for its tokenizer): pip install {SENTENCEPIECE}")
-    return Translator(lang, name, model, AutoTokenizer.from_pretrained(source))
+    return Translator(lang, name, model, AutoTokenizer.from_pretrained(source, **NO_REMOTE_CODE))
 
 
 class Translators:
