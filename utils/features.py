@@ -99,11 +99,12 @@ def cache_features(captions: Captions, cfg: FeatureConfig, data: DataConfig,
 
     chunks_dir = out / "chunks"
     n_chunks = -(-len(images) // cfg.chunk_size)
-    todo = [k for k in range(n_chunks) if not (chunks_dir / f"{k:05d}.npz").is_file()]
-    if not (out / "features.npy").is_file() and todo:
-        _fill_chunks(model, preprocess, paths, todo, cfg, device, chunks_dir, done=n_chunks - len(todo))
-    if not (out / "features.npy").is_file():
+    if not _finished(out, read_json(out / "meta.json")):  # anything short of the marker is done again
+        todo = [k for k in range(n_chunks) if not (chunks_dir / f"{k:05d}.npz").is_file()]
+        if todo:
+            _fill_chunks(model, preprocess, paths, todo, cfg, device, chunks_dir, done=n_chunks - len(todo))
         _finalize(out, images, n_chunks)
+    shutil.rmtree(chunks_dir, ignore_errors=True)  # joined into features.npy (left by a run cut after the marker)
     if read_json(out / "meta.json")["num_images"] == 0:
         _refuse_empty(out, len(images))
     _write_captions_index(out, captions)
@@ -161,7 +162,9 @@ def _save_chunk(path: Path, rows, feats, bad) -> None:
 
 
 def _finalize(out: Path, images, n_chunks: int) -> None:
-    """Join the chunks into features.npy + images.csv + skipped.csv, then drop the chunks."""
+    """Join the chunks into features.npy + images.csv + skipped.csv, then mark meta.json complete: the
+    completion marker, written after everything it vouches for. The chunks stay until the marker is written,
+    so a run cut anywhere before it (kill -9 included) is finished by the next run from the same chunks."""
     rows, feats, bad = [], [], []
     for k in range(n_chunks):
         with np.load(out / "chunks" / f"{k:05d}.npz", allow_pickle=False) as z:
@@ -180,13 +183,26 @@ def _finalize(out: Path, images, n_chunks: int) -> None:
     _write_csv(out / "skipped.csv", skipped)
     with atomic_path(out / "features.npy") as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, feats)
+            np.save(_Writes(f), feats)
     meta = read_json(out / "meta.json")
     meta.update(complete=True, num_images=len(index), num_skipped=len(skipped))
     write_json(out / "meta.json", meta)
-    for k in range(n_chunks):
-        (out / "chunks" / f"{k:05d}.npz").unlink()
-    (out / "chunks").rmdir()
+
+
+class _Writes:
+    """A file numpy writes through `write()`: to a real file it writes with C's fwrite, whose short write on a
+    full disk says only "N requested and M written"; through write() the disk's own error (ENOSPC) reaches
+    files.atomic_path, which says what happened and that nothing was replaced."""
+
+    def __init__(self, f):
+        self.write = f.write
+
+
+def _finished(out: Path, meta: dict) -> bool:
+    """Whether `_finalize` completed: its marker (meta.json's "complete", with the counts) and the files it
+    vouches for are all there."""
+    return bool(meta.get("complete")) and "num_images" in meta and \
+        all((out / name).is_file() for name in ("features.npy", "images.csv", "skipped.csv"))
 
 
 def _write_captions_index(out: Path, captions: Captions) -> None:
@@ -273,7 +289,7 @@ def load_cache(path: str | Path, backbone: str | None = None) -> FeatureCache:
     if meta.get("format_version") != FORMAT_VERSION:
         raise FeatureCacheError(f"{path} is a version {meta.get('format_version')} cache; this course reads "
                                 f"version {FORMAT_VERSION}. Delete it and run `python -m utils features`.")
-    if not meta.get("complete") or not (path / "features.npy").is_file():
+    if not _finished(path, meta) or "num_captions" not in meta or not (path / "captions.csv").is_file():
         raise FeatureCacheError(f"The feature cache at {path} is incomplete (interrupted?): rerun "
                                 "`python -m utils features` with the same settings to finish it.")
     _check_captions_file(path, meta)
