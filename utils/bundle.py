@@ -73,6 +73,8 @@ def save(model, path: str | Path, summary: dict | None = None) -> Path:
     summary = dict(summary or {})
     if summary.get("features") and "features_fingerprint" not in summary:  # a path, not yet a reference
         summary.update(cache_reference(summary["features"]))
+    if problem := summary_problem(summary):  # what load would refuse is never written
+        raise CaptionerError(f"cannot save the bundle {path}: its {' '.join(problem)} (nothing was written).")
     with atomic_dir(path) as tmp:
         model.lm.save_pretrained(tmp / "lm")
         model.tokenizer.save_pretrained(tmp / "lm")
@@ -153,11 +155,8 @@ def read_bundle_config(file: Path) -> tuple[ModelConfig, dict]:
     summary, model = meta.get("summary", {}), meta.get("model")
     if not isinstance(summary, dict):
         raise refuse("summary", f"is a JSON {type(summary).__name__}, not an object")
-    for key, value in summary.items():
-        want = _SUMMARY_TYPES.get(key, _SCALAR)
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise refuse(f"summary.{key}", f"is {json.dumps(value)[:60]}, not "
-                                           f"{'a plain value' if want is _SCALAR else _type_names(want)}")
+    if problem := summary_problem(summary):
+        raise refuse(*problem)
     if not isinstance(model, dict):
         raise refuse("model", f"is {'missing' if model is None else 'a JSON ' + type(model).__name__}, not an "
                               "object of the captioner's settings")
@@ -178,6 +177,17 @@ def read_bundle_config(file: Path) -> tuple[ModelConfig, dict]:
         raise refuse("model.backbone", f"names {backbone}, a local {'file' if backbone.is_file() else 'folder'} "
                                        "that is not a CLIP archive (clip.load reads a .pt archive, a zip file)")
     return config, summary
+
+
+def summary_problem(summary: dict) -> tuple[str, str] | None:
+    """(field, what is wrong) for a summary that is not the known keys with their types and any other key
+    a plain value; None when it fits."""
+    for key, value in summary.items():
+        want = _SUMMARY_TYPES.get(key, _SCALAR)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            shown = json.dumps(value, default=repr)[:60]
+            return f"summary.{key}", f"is {shown}, not {'a plain value' if want is _SCALAR else _type_names(want)}"
+    return None
 
 
 def _type_names(types) -> str:
