@@ -125,11 +125,11 @@ def test_tokenizer_asking_to_run_its_code_is_refused(bundle, photo, tmp_path, ca
 # ---------------------------------------------------------------------------- config.json by schema
 
 CONFIG_CASES = {  # what config.json is changed to -> what the message names
-    "summary a list": (lambda c: {**c, "summary": ["steps", 3]}, "config.json: summary is a JSON list, not an object"),
-    "model a list": (lambda c: {**c, "model": [1, 2]}, "config.json: model is a JSON list, not an object"),
-    "model a string": (lambda c: {**c, "model": "gpt2"}, "config.json: model is a JSON str, not an object"),
+    "summary a list": (lambda c: {**c, "summary": ["steps", 3]}, "config.json: summary is a JSON array, not an object"),
+    "model a list": (lambda c: {**c, "model": [1, 2]}, "config.json: model is a JSON array, not an object"),
+    "model a string": (lambda c: {**c, "model": "gpt2"}, "config.json: model is a JSON string, not an object"),
     "model missing": (lambda c: {k: v for k, v in c.items() if k != "model"}, "config.json: model is missing"),
-    "top level a list": (lambda c: [c], "config.json holds a JSON list, not an object"),
+    "top level a list": (lambda c: [c], "config.json holds a JSON array, not an object"),
     "unknown model field": (lambda c: {**c, "model": {**c["model"], "n_layers": 3}},
                             "config.json: model.n_layers is not a setting"),
     "mistyped model field": (lambda c: {**c, "model": {**c["model"], "num_layers": "3"}},
@@ -138,6 +138,8 @@ CONFIG_CASES = {  # what config.json is changed to -> what the message names
     "mistyped summary field": (lambda c: {**c, "summary": {"steps": "many"}}, "config.json: summary.steps is \"many\""),
     "summary holding an object": (lambda c: {**c, "summary": {"notes": {"a": 1}}},
                                   "config.json: summary.notes is {\"a\": 1}, not a plain value"),
+    "a config of 2 MB": (lambda c: {**c, "summary": {"notes": "x" * (2 << 20)}},
+                         "config.json is 2,097,"),
     "absurd mapper": (lambda c: {**c, "model": {**c["model"], "prefix_length": 10**7}},
                       "model.prefix_length is 10,000,000, over the limit of 1,024"),
 }
@@ -231,8 +233,8 @@ def crafted_archive(bundle: Path, out: Path, extra: dict[str, tuple[bytes, int]]
 ARCHIVE_CASES = {  # options of crafted_archive, made when the row runs -> what the message says
     "a member inflating to 64 MB": (lambda: dict(extra={"lm/padding.bin": (bytes(64 << 20), zipfile.ZIP_DEFLATED)}),
                                     "lm/padding.bin is compressed"),
-    "a manifest inflating to 64 MB": (lambda: dict(manifest=b'{"archive_version": 1, "files": {}' + bytes(64 << 20)
-                                                   .replace(b"\0", b" ") + b"}", manifest_compression=zipfile.ZIP_DEFLATED),
+    "a manifest inflating to 64 MB": (lambda: dict(manifest=b'{"archive_version": 1, "files": {}' + b" " * (64 << 20)
+                                                   + b"}", manifest_compression=zipfile.ZIP_DEFLATED),
                                       f"its {MANIFEST} is 67,108,"),
     "too many members": (lambda: dict(extra={f"lm/f{i}": (b"", zipfile.ZIP_STORED) for i in range(1001)}),
                          "at most 1000 of them"),

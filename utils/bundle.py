@@ -122,19 +122,29 @@ def load(cls, path: str | Path, device: str | torch.device = "cpu"):
 
 def _small_json(file: Path) -> dict:
     """A config file's JSON object, its size bounded before it is read; CaptionerError naming the file."""
-    size = file.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise CaptionerError(f"{file} is {size:,} bytes, over the {MAX_CONFIG_BYTES:,} a config file may have: "
-                             "it is damaged or not a captioner's; copy or make the bundle again.")
     try:
+        size = file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise CaptionerError(f"{file} is {size:,} bytes, over the {MAX_CONFIG_BYTES:,} a config file may "
+                                 "have: it is damaged or not a captioner's; copy or make the bundle again.")
         obj = json.loads(file.read_bytes())
+    except CaptionerError:
+        raise
+    except OSError as exc:
+        raise CaptionerError(f"{file} cannot be read ({exc.strerror or exc}): check it, or copy the bundle "
+                             "again.") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CaptionerError(f"{file} is not valid JSON ({exc}): the bundle is damaged; copy or make it "
                              "again.") from None
     if not isinstance(obj, dict):
-        raise CaptionerError(f"{file} holds a JSON {type(obj).__name__}, not an object: the bundle is damaged; "
+        raise CaptionerError(f"{file} holds a JSON {_json_kind(obj)}, not an object: the bundle is damaged; "
                              "copy or make it again.")
     return obj
+
+
+def _json_kind(value) -> str:
+    return {list: "array", str: "string", dict: "object", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def read_bundle_config(file: Path) -> tuple[ModelConfig, dict]:
@@ -154,11 +164,11 @@ def read_bundle_config(file: Path) -> tuple[ModelConfig, dict]:
             raise refuse(key, "is not a field of a bundle's config.json (bundle_version, summary, model)")
     summary, model = meta.get("summary", {}), meta.get("model")
     if not isinstance(summary, dict):
-        raise refuse("summary", f"is a JSON {type(summary).__name__}, not an object")
+        raise refuse("summary", f"is a JSON {_json_kind(summary)}, not an object")
     if problem := summary_problem(summary):
         raise refuse(*problem)
     if not isinstance(model, dict):
-        raise refuse("model", f"is {'missing' if model is None else 'a JSON ' + type(model).__name__}, not an "
+        raise refuse("model", f"is {'missing' if model is None else 'a JSON ' + _json_kind(model)}, not an "
                               "object of the captioner's settings")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for key in model:
@@ -233,18 +243,23 @@ def safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
     if not file.is_file():
         raise CaptionerError(f"{file} is missing: the bundle is damaged or incomplete; copy or make it again.")
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise damaged(f"{size} bytes")
-        (length,) = struct.unpack("<Q", head)
-        if length > min(MAX_HEADER_BYTES, size - 8):
-            raise damaged(f"a header of {length:,} bytes in a file of {size:,}")
-        try:
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise damaged(f"{size} bytes")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise damaged(f"a header of {length:,} bytes in a file of {size:,}")
             header = json.loads(f.read(length))
-        except (ValueError, UnicodeDecodeError):
-            raise damaged("its header is not JSON") from None
+    except CaptionerError:
+        raise
+    except OSError as exc:
+        raise CaptionerError(f"{file} cannot be read ({exc.strerror or exc}): check it, or copy the bundle "
+                             "again.") from None
+    except (ValueError, UnicodeDecodeError):
+        raise damaged("its header is not JSON") from None
     if not isinstance(header, dict):
         raise damaged("its header is not a JSON object")
     data = size - 8 - length
