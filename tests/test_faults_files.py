@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import runpy
 import shutil
 import signal
@@ -194,7 +193,7 @@ def test_weights_lacking_a_tensor_are_refused_not_initialised_at_random(bundle, 
     shared = copy_of(bundle, tmp_path)
     file = shared / "lm" / "model.safetensors" if where == "lm" else shared / "mapper.safetensors"
     weights = load_file(str(file))
-    dropped = "transformer.ln_f.bias" if where == "lm" else sorted(weights)[-1]
+    dropped = "transformer.ln_f.bias" if where == "lm" else max(weights)
     save_file({k: v for k, v in weights.items() if k != dropped}, str(file))
     message = refused(capsys, "caption", "--model", str(shared), str(photo))
     assert f"it lacks {dropped}" in message and "Refused rather than filled with random weights" in message
@@ -211,12 +210,13 @@ def test_weights_whose_header_claims_more_than_the_file_holds(bundle, photo, tmp
 
 # ---------------------------------------------------------------------------- .clipcap files
 
-def crafted_archive(bundle: Path, out: Path, extra: dict[str, tuple[bytes, int]] = {},
+def crafted_archive(bundle: Path, out: Path, extra: dict[str, tuple[bytes, int]] | None = None,
                     manifest: bytes | None = None, manifest_compression: int = zipfile.ZIP_STORED) -> Path:
     """A .clipcap of `bundle` plus `extra` members {name: (bytes, compression)}, each listed in the manifest
     with its true checksum (or the `manifest` given)."""
     import hashlib
 
+    extra = extra or {}
     files = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
     listed = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     listed |= {name: hashlib.sha256(data).hexdigest() for name, (data, _) in extra.items()}
