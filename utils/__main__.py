@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (ConfigError, DataConfig, DecodeConfig, DecodeConfigError, FeatureConfig, ModelConfig,
-                     RuntimeConfig, TrainConfig, add_arguments, decode_config, from_arguments, given_arguments,
-                     standin_preset)
+from .config import (DataConfig, DecodeConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
+                     add_arguments, decode_config, from_arguments, given_arguments, standin_preset)
+from .errors import CourseError
 
 
 def _runtime(args) -> RuntimeConfig:
@@ -196,7 +196,7 @@ def cmd_course(args):
     model_base, train_base = default_configs(is_offline(runtime.offline))
     # two stages, one namespace: --batch-size is training's, --feature-batch-size and --num-workers the features'
     features = given_arguments(FeatureConfig, args) | {"batch_size": args.feature_batch_size}
-    train = given_arguments(TrainConfig, args) | {"num_workers": None}
+    train = given_arguments(TrainConfig, args)
     decode = decode_config(**given_arguments(DecodeConfig, args))  # contradictions: refused before training
     return run_course(from_arguments(DataConfig, args), _with(FeatureConfig(), features),
                       from_arguments(ModelConfig, args, model_base), _with(train_base, train), runtime, decode,
@@ -393,24 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .model import CaptionerError
-    from .clipcap_import import ClipCapImportError
-    from .records import DatasetError
-    from .download import DownloadError
-    from .evaluation import EvaluationError
-    from .features import FeatureCacheError
-    from .files import DiskFull
-    from .runtime import GPUUnsupported
-    from .share import ShareError
-    from .training import TrainingError
-    from .translate import TranslationError
-
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CaptionerError, ClipCapImportError, ConfigError, DatasetError, DecodeConfigError, DiskFull,
-            DownloadError, EvaluationError, FeatureCacheError, GPUUnsupported, ShareError, TrainingError,
-            TranslationError,
+    except (CourseError,  # every stage's refusal: one line that says what to do (errors.py)
             FileNotFoundError) as exc:  # FileNotFoundError: a path given on the command line is not there
         sys.exit(f"error: {exc}")
 

@@ -238,10 +238,11 @@ def bench_captioning(images: int = 32, baseline_images: int = 4, max_tokens: int
     rates, same = {}, None
     for name, decoding, baseline in (("greedy", dict(do_sample=False), clipcap_greedy),
                                      ("beam5", dict(num_beams=5, do_sample=False), clipcap_beam)):
-        rates[f"ours_{name}"] = images / _timed(lambda: ours(clip, **decoding), device)
+        rates[f"ours_{name}"] = images / _timed(lambda decoding=decoding: ours(clip, **decoding), device)
         base = []
         rates[f"clipcap_{name}"] = baseline_images / _timed(
-            lambda: base.extend(baseline(captioner, clip[:baseline_images], max_tokens)), device)
+            lambda base=base, baseline=baseline: base.extend(baseline(captioner, clip[:baseline_images], max_tokens)),
+            device)
         if name == "greedy":  # the same captions, token for token, before the first EOS
             mine = ours(clip[:baseline_images], do_sample=False).tolist()
             same = sum(m[:len(b)] == b for m, b in zip(mine, base))

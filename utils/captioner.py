@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from . import bundle
 from .clip_encoder import as_stored, encode_images

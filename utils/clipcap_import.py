@@ -29,6 +29,7 @@ import torch
 
 from .captioner import Captioner
 from .config import ModelConfig, RuntimeConfig
+from .errors import CourseError
 from .sources import NO_REMOTE_CODE, language_model_source, load_tokenizer
 from .runtime import is_offline
 
@@ -41,7 +42,7 @@ CLIPCAP_LENGTH = 67  # tokens ClipCap's own decoding generates at most
 _STALE = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers old transformers saved with GPT-2
 
 
-class ClipCapImportError(ValueError):
+class ClipCapImportError(CourseError, ValueError):
     """A file that is not one of ClipCap's checkpoints, or settings that contradict it; says what to do."""
 
 

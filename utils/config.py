@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .errors import CourseError
 from .paths import default_data_dir
 
 DATASETS = ("embedded", "flickr30k", "food", "coco", "karpathy", "csv", "folder", "webdataset")
@@ -23,7 +24,7 @@ Dataset = Literal["embedded", "flickr30k", "food", "coco", "karpathy", "csv", "f
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
 
-class ConfigError(ValueError):
+class ConfigError(CourseError, ValueError):
     """A setting with a value it cannot take; the message names the setting, the value and what it may be."""
 
 
@@ -104,7 +105,7 @@ class Settings:
         return []
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuntimeConfig(Settings):
     """Where the run happens and whether it may reach the model hubs."""
 
@@ -115,7 +116,7 @@ class RuntimeConfig(Settings):
     seed: int = setting(0, "seed of the weights' initialisation and the data order", min=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig(Settings):
     """Which captions and images to read. Splits are made by image, never by caption."""
 
@@ -141,7 +142,7 @@ class DataConfig(Settings):
         return []
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeatureConfig(Settings):
     """How CLIP image embeddings are computed and cached (once per dataset and backbone)."""
 
@@ -157,7 +158,7 @@ Mapper = Literal["transformer", "mlp"]
 Freeze = Literal["frozen", "full", "partial"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig(Settings):
     """The captioner's shape. Saved inside every checkpoint and bundle and read back on loading, so
     training and inference can never disagree on CLIP width, prefix length or normalisation."""
@@ -184,10 +185,11 @@ class ModelConfig(Settings):
 
 
 Decay = Literal["linear", "cosine", "constant"]
+Keep = Literal["all", "history"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(Settings):
     """The training loop: AdamW under linear warm-up, then decay, as ClipCap trains."""
 
@@ -223,7 +225,9 @@ class TrainConfig(Settings):
     resume: bool | Literal["auto"] = setting(False, "continue the run in --out-dir from its checkpoint.pt (refused "
                                                     "when there is none; in Python, resume='auto' continues one if "
                                                     "there is one, else starts)")
-    num_workers: int = setting(0, "train: unused (batches come from the in-memory feature cache)", min=0)
+    keep: Keep = setting("all", "what a finished run keeps: all (checkpoint.pt to resume or extend it, best.pt, the "
+                                "captioner bundle); history (history.json and summary.json only: for comparison "
+                                "runs; checkpoints are written while it trains, so an interrupted run resumes)")
     watch_images: int = setting(8, "validation images captioned at every evaluation, to watch captions improve",
                                 min=0)
     collapse_warning: float = setting(0.5, "after the warm-up, warn when the watched captions' distinct share stays "
@@ -244,7 +248,7 @@ class DecodeConfigError(ConfigError):
     """Decoding settings that contradict each other; the message says which and what to change."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeConfig(Settings):
     """How a caption is read out of the LM; transformers' `generate()` does the decoding.
 

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import DATASETS
+from .errors import CourseError
 from .files import atomic_path, read_json, write_json, write_text
 
 KAGGLE_DATASETS = {"flickr30k": "hsankesara/flickr-image-dataset",
@@ -52,7 +53,7 @@ def offline_help(dataset: str) -> str:
             "with --dataset embedded")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(CourseError, RuntimeError):
     """A download that cannot go on; the message says what failed and what to do."""
 
 

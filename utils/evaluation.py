@@ -35,6 +35,7 @@ from .clipscore import clip_score, clip_scores, ref_clip_score  # noqa: F401 (he
 from .clip_encoder import draft_size
 from .config import DecodeConfig
 from .embedded import EMBEDDED_ATTRIBUTES, embedded_attributes
+from .errors import CourseError
 from .images import UnreadableImage, image_name, open_image
 from .files import write_json
 
@@ -61,7 +62,7 @@ class MetricSkipped(UserWarning):
     """A metric could not be computed here; the message says why and what to install."""
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(CourseError, RuntimeError):
     """A split that cannot be evaluated as asked; the message says why and what to do."""
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .clip_encoder import STORED_DTYPE, encode_batches, precision
 from .config import DataConfig, FeatureConfig, RuntimeConfig
+from .errors import CourseError
 from .records import Captions, file_stamp
 from .files import atomic_path, read_json, write_json
 from .paths import default_cache_dir, models_dir
@@ -42,7 +43,7 @@ _MUST_MATCH = ("format_version", "backbone", "clip_dim", "image_resolution", "dt
                "images_fingerprint", "chunk_size")
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(CourseError, RuntimeError):
     """A cache that cannot be used as asked: made with other settings, or incomplete."""
 
 

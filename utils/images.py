@@ -57,7 +57,8 @@ _TAR_LOCK = threading.Lock()  # one TarFile has one file position: threads take 
 
 
 @functools.lru_cache(maxsize=8)
-def _open_shard(tar_path: str, pid: int) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
+def _open_shard(tar_path: str, pid: int) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:  # noqa: ARG001
+    # (pid is read by lru_cache only: it is the cache key that gives each process its own file)
     """A shard opened once per process: the pid is in the key so a forked DataLoader worker opens its own
     file instead of sharing (and moving) its parent's file position."""
     tar = tarfile.open(tar_path)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import CourseError
 
-class DatasetError(ValueError):
+
+class DatasetError(CourseError, ValueError):
     """The captions cannot be read as asked; the message names the file and says what to do."""
 
 

@@ -25,6 +25,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .errors import CourseError
 from .files import atomic_dir, atomic_path
 from .paths import user_cache
 
@@ -35,7 +36,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _KAGGLE_ID = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+(/\d+)?$")
 
 
-class ShareError(ValueError):
+class ShareError(CourseError, ValueError):
     """A bundle cannot be exported, published or found; the message says why and what to do."""
 
 

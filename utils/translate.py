@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CourseError
 from .runtime import announce_offline, is_offline
 from .standins import STANDIN_PREFIX, is_standin, marian_dir
 
@@ -28,7 +29,7 @@ STANDIN_LABEL = "[stand-in model, not a translation]"
 SENTENCEPIECE = "sentencepiece==0.2.3"  # what MarianTokenizer needs (pip install it)
 
 
-class TranslationError(ValueError):
+class TranslationError(CourseError, ValueError):
     """No translation model for that language here; the message says why and what to do."""
 
 
