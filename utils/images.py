@@ -268,7 +268,11 @@ class _Budget(io.BytesIO):
     def __init__(self, data: bytes, seconds: float | None):
         super().__init__(data)
         self.seconds = seconds
-        self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.start()
+
+    def start(self) -> None:
+        """The budget counts from now (the decode, not the wait for a turn to decode)."""
+        self.deadline = None if self.seconds is None else time.monotonic() + self.seconds
 
     def read(self, size: int | None = -1) -> bytes:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -290,24 +294,25 @@ def decode_image(data: bytes, draft: int | None = None, max_pixels: int | None =
     if not data:
         raise UnreadableImage("zero bytes")
     if len(data) > MAX_FILE_BYTES:
-        raise UnreadableImage(f"{_megabytes(len(data))}, over the limit of {_megabytes(MAX_FILE_BYTES)} for an image; "
-                              "shrink it or save it as a JPEG")
+        raise UnreadableImage(f"a file of {_megabytes(len(data))}, over the limit of {_megabytes(MAX_FILE_BYTES)} for "
+                              "an image; shrink it or save it as a JPEG")
     fmt = next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
     with _as_unreadable(fmt, max_pixels):
+        stream = _Budget(data, seconds)
         try:
-            img = Image.open(_Budget(data, seconds), formats=IMAGE_FORMATS)
+            img = Image.open(stream, formats=IMAGE_FORMATS)
         except UnidentifiedImageError:
             other = None if fmt else _other_format(data)
             if other:
                 raise UnreadableImage(f"not an image the course reads: {other} format; save it as {FORMAT_NAMES}") \
                     from None
             raise
-        fmt = img.format or fmt
         check_size(img.width, img.height, max_pixels)
     pixels = img.width * img.height  # what the decoder fills: a JPEG only its draft's share
     if img.format in ("JPEG", "MPO"):
         pixels //= _draft_scale(img.width, img.height, draft) ** 2
     with gate(pixels) if gate else contextlib.nullcontext():
+        stream.start()
         return prepare_image(img, draft, max_pixels)
 
 
