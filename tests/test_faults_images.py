@@ -292,6 +292,16 @@ def test_large_images_wait_their_turn_small_ones_do_not(captioner):
     assert status == 200 and reply["captions"]
 
 
+def test_the_wait_for_a_turn_is_not_counted_in_the_decode_budget(captioner):
+    slots = DecodeSlots(heavy_pixels=5000, wait=10)
+    client = create_app(captioner, slots=slots, decode_seconds=0.5).test_client()
+    slots.heavy.acquire()  # another large image decoding for 1 s
+    threading.Timer(1.0, slots.heavy.release).start()
+    start = time.monotonic()
+    status, reply = post(client, (encoded(Image.new("RGB", (120, 90), "navy"), "PNG"), "big.png"))
+    assert status == 200 and reply["captions"] and time.monotonic() - start >= 1.0
+
+
 def test_a_bug_is_a_json_500_and_the_demo_goes_on(captioner, models_dir):
     class Broken(Translators):
         def __getitem__(self, lang):
