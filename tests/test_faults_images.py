@@ -12,8 +12,10 @@ import io
 import os
 import random
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -158,6 +160,23 @@ def test_caption_of_a_device_named_on_the_command_line(bundle, data_dir, monkeyp
     with within(60), pytest.raises(SystemExit, match=re.escape(f"error: {device} cannot be captioned: not a "
                                                                 "regular file but a character device")):
         main(["caption", "--model", str(bundle), device])
+
+
+def test_a_shard_member_of_2_gb_in_a_10_kb_shard(bundle, data_dir, monkeypatch, tmp_path):
+    """GNU tar's sparse members: 2 GB that take 10 KB in the shard, refused by the size its header states."""
+    if shutil.which("tar") is None:
+        pytest.skip("no tar here to write a sparse member")
+    with open(tmp_path / "hole.png", "wb") as f:
+        f.truncate(2 * 2**30)
+    subprocess.run(["tar", "-S", "-cf", "shard.tar", "hole.png"], cwd=tmp_path, check=True)
+    (tmp_path / "hole.png").unlink()
+    assert (tmp_path / "shard.tar").stat().st_size < 100_000
+    monkeypatch.setenv("CLIPCAP_DATA", str(data_dir))
+    monkeypatch.setenv("CLIPCAP_OFFLINE", "1")
+    member = f"{tmp_path / 'shard.tar'}::hole.png"
+    with within(60), pytest.raises(SystemExit, match=re.escape(f"error: {member} cannot be captioned: a file of "
+                                                                "2 GB, over the limit of 100 MB for an image")):
+        main(["caption", "--model", str(bundle), member])
 
 
 def test_a_fifo_never_hangs_the_real_command(hostile, bundle, data_dir):
