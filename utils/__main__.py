@@ -143,6 +143,8 @@ def cmd_caption(args, captioner=None) -> list[dict]:
     captioner = captioner or _load_captioner(args)
     paths = _image_files(args.images)
     results = add_translations(captioner.caption_files(paths, decode), translator)
+    if len(results) == 1 and results[0]["error"]:  # one image: one line, the one the web demo gives
+        sys.exit(f"error: {results[0]['image']} cannot be captioned: {results[0]['error']}.")
     for r in results:
         if r["error"]:
             print(f"skipped {r['image']}: {r['error']} (replace or remove the file)", file=sys.stderr)
@@ -210,10 +212,8 @@ def _with(config, settings: dict):
 
 def cmd_serve(args) -> None:
     """The web demo of a trained captioner, until Ctrl+C; the page's knobs start from the decoding flags."""
-    from werkzeug.serving import make_server
-
     from .model import CaptionerError
-    from .serve import VALIDATION, bundle_title, create_app, folder_examples, validation_examples
+    from .serve import VALIDATION, bundle_title, create_app, folder_examples, make_demo_server, validation_examples
 
     decode = decode_config(**given_arguments(DecodeConfig, args))
     if args.examples:  # checked before the captioner loads: a wrong folder fails at once
@@ -232,7 +232,7 @@ def cmd_serve(args) -> None:
     app = create_app(captioner, examples, decode, title=bundle_title(args.model), examples_are=examples_are,
                      translators=Translators(_runtime(args).offline))  # --offline: the stand-in translator too
     try:  # port 0: a free port, the one printed below
-        server = make_server(args.host, args.port, app, threaded=True)  # a port in use: werkzeug says so, exits 1
+        server = make_demo_server(app, args.host, args.port)  # a port in use: werkzeug says so, exits 1
     except OSError as exc:
         sys.exit(f"error: cannot serve on {args.host} port {args.port}: {exc.strerror or exc}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):

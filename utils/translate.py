@@ -113,6 +113,7 @@ class Translators:
         self._lock = threading.Lock()
 
     def __getitem__(self, lang: str) -> Translator:
+        lang = (lang or "").strip().lower()  # "DE", " de" and "de": one model, loaded once
         with self._lock:
             if lang not in self._loaded:
                 self._loaded[lang] = load_translator(lang, self.offline, self.models_dir)
