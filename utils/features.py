@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .clip_encoder import STORED_DTYPE, encode_batches, load_clip, precision
 from .config import DataConfig, FeatureConfig, RuntimeConfig
-from .records import Captions, file_stamp
+from .records import Captions, restamp
 from .files import atomic_path, read_json, write_json
 from .paths import features_dir, models_dir
 from .runtime import is_offline, resolve_device
@@ -71,6 +71,10 @@ def source_key(data: DataConfig) -> str | None:
     """A short hash of the captions file and images folder a set is read from (None for a download or the
     embedded set, which have one place in a data folder): two sets never share a cache folder."""
     given = [os.path.abspath(os.path.expanduser(p)) for p in (data.path, data.images_dir) if p]
+    if data.dataset == "hf" and data.path:  # a Hub name is no path; the subset, split and revision matter too
+        from .hub_datasets import source_label
+
+        given[0] = source_label(data)
     if not given:
         return None
     return hashlib.sha256("\n".join([data.dataset, *given]).encode("utf-8", "surrogateescape")).hexdigest()[:8]
@@ -84,7 +88,7 @@ def default_cache_dir(data: DataConfig, backbone: str, offline: bool = False) ->
     key = source_key(data)
     if key is None:
         return features_dir(data.data_dir) / f"{data.dataset}-{slug}"
-    stem = _slug(Path(data.path).stem if data.path else "images")[:40]
+    stem = _slug(Path(data.path.rstrip("/")).stem if data.path else "images")[:40] or "table"
     return features_dir(data.data_dir) / f"{data.dataset}-{stem}-{key}-{slug}"
 
 
@@ -233,7 +237,8 @@ def _check_captions_file(path: Path, meta: dict) -> None:
     """Refuse a cache whose captions file was edited after it was read (ClipCap reused a token cache keyed
     by file name after the data changed); a file no longer there is fine: the cache holds its captions."""
     stamp = meta.get("captions_file")
-    if stamp and Path(stamp["path"]).is_file() and file_stamp(stamp["path"]) != stamp:
+    now = restamp(stamp) if stamp else None
+    if now is not None and now != stamp:
         raise FeatureCacheError(f"{stamp['path']} changed after the feature cache at {path} read its captions: "
                                 "rerun `python -m utils features` with the flags that made the cache (or notebook "
                                 "02) to read them again; no image is encoded again.")
