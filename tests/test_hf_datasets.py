@@ -17,9 +17,9 @@ from PIL import Image
 
 from layouts import FLICKR8K_FIRST, flickr8k_caption, flickr8k_name, write_flickr8k
 from utils.__main__ import main
-from utils.config import DataConfig
+from utils.config import DataConfig, FeatureConfig, RuntimeConfig
 from utils.download import dataset_root, find_attached
-from utils.features import FeatureCacheError, default_cache_dir, load_cache
+from utils.features import FeatureCacheError, cache_features, default_cache_dir, load_cache
 from utils.readers import load_records
 from utils.records import DatasetError
 
@@ -85,9 +85,22 @@ def test_save_to_disk_table_with_an_image_feature_keeps_karpathy_splits(tmp_path
     assert first.image_id == "1000092795" and first.caption == "photo 0 seen for the 0 time"
     # the bytes as stored, written once as files under data/hf-images: every later stage reads files
     assert Path(first.image_path).read_bytes() == png(0) and Path(first.image_path).suffix == ".png"
+    assert Path(first.image_path).name.startswith("1000092795.")  # its id, then its bytes' digest
     assert caps.images_dir == str(Path(first.image_path).parent)
     assert Path(caps.images_dir).parent == (tmp_path / "data" / "hf-images").resolve()
     assert caps.stamp["path"] == str(folder) and caps.stamp["table_files"] >= 2  # the .arrow shard and state.json
+
+    # notebook 02: the feature cache of the first 4 images (only theirs were written)
+    data = cfg(folder, tmp_path / "data", max_images=4)
+    caps = load_records(data, dataset_root(data, offline=True))
+    assert len(caps.images()) == 4 and len(list(Path(caps.images_dir).iterdir())) == 8  # 8 from the first read
+    out = cache_features(caps, FeatureConfig(num_workers=0, cache_dir=str(tmp_path / "cache")), data,
+                         RuntimeConfig(offline=True, device="cpu"))
+    cache = load_cache(out)
+    assert cache.meta["num_images"] == 4 and cache.meta["source"] == str(folder)
+    assert sorted(cache.captions["split"].unique()) == ["test", "train", "val"]
+    small = load_records(cfg(folder, tmp_path / "small", max_images=2))
+    assert len(list(Path(small.images_dir).iterdir())) == 2  # a fresh data folder: only the 2 kept are written
 
 
 def test_caption_columns_table_splits_parquet_shards_and_a_glob(tmp_path):
@@ -103,6 +116,11 @@ def test_caption_columns_table_splits_parquet_shards_and_a_glob(tmp_path):
     split_of = {image_id: split for image_id, _, split in caps.images()}
     assert [split_of[f"img{k}"] for k in (0, 9, 10, 12, 13, 15)] == ["train", "train", "val", "val", "test", "test"]
     assert [r.caption for r in caps.records[:5]] == [f"picture 0 caption {j}" for j in range(5)]
+
+    picked = load_records(cfg(tmp_path / "jxie", tmp_path / "data", hf_split="train+test"))
+    assert {split for _, _, split in picked.images()} == {"train", "test"} and len(picked.images()) == 13
+    with pytest.raises(DatasetError, match="Unknown split"):
+        load_records(cfg(tmp_path / "jxie", tmp_path / "data", hf_split="dev"))
 
     glob = tmp_path / "jxie" / "data" / "train-*.parquet"
     caps = load_records(cfg(glob, tmp_path / "data", val_fraction=0.3, test_fraction=0.3))

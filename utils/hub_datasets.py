@@ -33,8 +33,9 @@ from .records import DatasetError, Parsed, image_id_of, table_stamp
 HF_IMAGES = "hf-images"  # data_dir/hf-images/<source>/: the images a table holds as bytes or URLs, as files
 BATCH_ROWS = 256  # rows read at a time
 # Column names tables on the Hub use, most common first: tried when the default column is not there.
-IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_path", "filepath", "file_path", "path", "url", "image_url",
-                 "coco_url", "flickr_url")
+# (Karpathy's `filepath` is a folder, train2014, not an image: never taken for one.)
+IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_path", "file_path", "path", "url", "image_url", "coco_url",
+                 "flickr_url")
 CAPTION_COLUMNS = ("caption", "captions", "sentences", "text", "raw", "description", "alt_text", "caption_0")
 ID_COLUMNS = ("filename", "file_name", "image_id", "img_id", "cocoid", "imgid")
 SPLITS = ("train", "val", "test")
@@ -126,18 +127,17 @@ def _open(cfg: DataConfig) -> tuple[dict, dict | None]:
                     loaded = (loaded.to_iterable_dataset() if isinstance(loaded, datasets.Dataset) else
                               datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in loaded.items()}))
             elif path.is_dir():
-                loaded = datasets.load_dataset(str(path), cfg.hf_subset, **common)
+                loaded = _load(str(path), cfg, hf_subset=cfg.hf_subset, **common)
             else:
                 suffix = next((s for s in _BUILDERS if str(spec).lower().endswith(s)), None)
                 if suffix is None:
                     raise DatasetError(f"{spec}: cannot tell the format of these files from their name; --path "
                                        f"names files ending in {', '.join(_BUILDERS)}, or their folder")
-                loaded = datasets.load_dataset(_BUILDERS[suffix], data_files=os.path.abspath(os.path.expanduser(spec)),
-                                               **common)
+                loaded = _load(_BUILDERS[suffix], cfg, data_files=os.path.abspath(os.path.expanduser(spec)), **common)
         else:
             offline = os.environ.get("CLIPCAP_OFFLINE", "").strip().lower() in ("1", "true", "yes")
             with _hub_offline(offline):
-                loaded = datasets.load_dataset(spec, cfg.hf_subset, revision=cfg.revision, **common)
+                loaded = _load(spec, cfg, hf_subset=cfg.hf_subset, revision=cfg.revision, **common)
             stamp = {"path": f"hf://datasets/{spec}", "revision": _revision(spec, cfg.revision, offline)}
     except DatasetError:
         raise
@@ -150,13 +150,24 @@ def _open(cfg: DataConfig) -> tuple[dict, dict | None]:
         raise DatasetError(f"`datasets` cannot open {where}: {text}. --path names a Hub set (owner/name), a "
                            "save_to_disk folder, parquet files or a glob; a set with several configurations "
                            "needs --hf-subset NAME") from None
-    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+    if isinstance(loaded, (dict, datasets.DatasetDict, datasets.IterableDatasetDict)):
         tables = dict(loaded)
     else:
         tables = {"": loaded}
     if "" not in tables:
         tables = _pick_splits(tables, cfg.hf_split, where)
     return tables, stamp
+
+
+def _load(source: str, cfg: DataConfig, hf_subset: str | None = None, **kwargs):
+    """`datasets.load_dataset`, for --hf-split one split at a time (only those are downloaded), keeping
+    their names: {name: table}."""
+    import datasets
+
+    if not cfg.hf_split:
+        return datasets.load_dataset(source, hf_subset, **kwargs)
+    names = [n.strip() for n in cfg.hf_split.split("+") if n.strip()]
+    return {n: datasets.load_dataset(source, hf_subset, split=n, **kwargs) for n in names}
 
 
 def _revision(name: str, revision: str | None, offline: bool) -> str | None:
@@ -261,9 +272,7 @@ def _file_name(image_id: str) -> str:
 
 
 def _write_bytes(dest: Path, data: bytes) -> None:
-    """The image's bytes as stored in the table, whole or not at all; kept when already there."""
-    if dest.is_file() and dest.stat().st_size == len(data):
-        return
+    """The image's bytes as stored in the table, whole or not at all."""
     with atomic_path(dest) as tmp:
         Path(tmp).write_bytes(data)
 
@@ -300,8 +309,10 @@ class _Images:
                 if self.digests.setdefault(image_id, digest) != digest:  # another picture under the same name
                     image_id = f"{image_id}-{digest[:8]}"
                     self.digests.setdefault(image_id, digest)
-                dest = self.folder / (_file_name(image_id) + _suffix(data, name))
-                if write:
+                # the digest in the name: a table rewritten with other pictures under the same ids lists other
+                # files, so a feature cache made from the old ones refuses them instead of serving stale features
+                dest = self.folder / f"{_file_name(image_id)}.{digest[:10]}{_suffix(data, name)}"
+                if write and not dest.is_file():
                     _write_bytes(dest, data)
                 return image_id, str(dest)
             cell = name
