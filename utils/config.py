@@ -131,8 +131,8 @@ class DataConfig(Settings):
                                 "hf: how split values (the column's, or the table's split names) map onto "
                                 "train / val / test, as value=split pairs")
     hf_subset: str | None = setting(None, "hf: the set's configuration (subset) name, for Hub sets that have several")
-    hf_split: str | None = setting(None, "hf: read only this split of the set (e.g. train, or train+test; "
-                                         "default: all)")
+    hf_split: str | None = setting(None, "hf: read only this split of the set, e.g. train or train+test "
+                                         "(default: all of them)")
     revision: str | None = setting(None, "hf: the Hub revision (branch, tag or commit) to read; pin it for "
                                          "results others can repeat")
     streaming: bool = setting(False, "hf: read the set row by row without storing the table (sets larger than "

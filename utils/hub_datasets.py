@@ -156,6 +156,8 @@ def _open(cfg: DataConfig) -> tuple[dict, dict | None]:
         tables = {"": loaded}
     if "" not in tables:
         tables = _pick_splits(tables, cfg.hf_split, where)
+    elif cfg.hf_split:
+        raise DatasetError(f"{where} is one table without named splits: leave --hf-split out")
     return tables, stamp
 
 
@@ -187,8 +189,10 @@ def _revision(name: str, revision: str | None, offline: bool) -> str | None:
 
 
 def _columns(table) -> list[str]:
-    names = getattr(table, "column_names", None)
-    return list(names) if names else list(table.features or {})
+    names = getattr(table, "column_names", None) or list(table.features or {})
+    if not names:  # a stream whose features are only known once read (json files): its first row's keys
+        names = list(next(iter(table), {}))
+    return list(names)
 
 
 def _missing(what: str, flag: str, asked: str, columns: list[str], where: str) -> DatasetError:
