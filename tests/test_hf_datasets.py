@@ -224,16 +224,23 @@ def image_server(tmp_path):
 
 
 def test_a_url_column_is_fetched_in_parallel_resumably_with_failures_listed(tmp_path, image_server, capsys):
+    """A COCO-Karpathy table (yerevann/coco-karpathy's columns: filepath, sentences, cocoid, filename, url, split),
+    read with no column flags; the local server stands for images.cocodataset.org."""
     base, served, requested = image_server
-    table = datasets.Dataset.from_dict({"url": [f"{base}/{k}.png" for k in range(6)],  # 4: no image; 5: a 404
-                                        "caption": [f"picture {k}" for k in range(6)],
-                                        "split": ["train", "test", "train", "val", "train", "train"]})
+    names = [f"COCO_train2014_{k:012d}.jpg" for k in range(6)]
+    table = datasets.Dataset.from_dict({"filepath": ["train2014"] * 6,
+                                        "sentences": [[f"picture {k} a", f"picture {k} b"] for k in range(6)],
+                                        "cocoid": list(range(6)), "filename": names,
+                                        "url": [f"{base}/{k}.png" for k in range(6)],  # 4: no image; 5: a 404
+                                        "split": ["train", "test", "restval", "val", "train", "train"]})
     table.to_parquet(str(tmp_path / "coco-karpathy.parquet"))
     data = cfg(tmp_path / "coco-karpathy.parquet", tmp_path / "data")
     caps = load_records(data)
     out = capsys.readouterr().out
     assert "6 images named by URL, 0 already here, 6 to download" in out and "6/6 tried, 2 failed" in out
-    assert caps.skipped == 2 and [r.image_id for r in caps.records] == ["0", "1", "2", "3"]
+    assert caps.skipped == 2 and [r.image_id for r in caps.records[::2]] == [n[:-4] for n in names[:4]]
+    assert [r.caption for r in caps.records[:2]] == ["picture 0 a", "picture 0 b"]
+    assert [split for _, _, split in caps.images()] == ["train", "test", "train", "val"]
     assert any("row 4: its image could not be fetched (the bytes received are not an image" in p for p in caps.problems)
     assert any("row 5: its image could not be fetched (HTTP 404" in p for p in caps.problems)
     report = Path(caps.images_dir).parent / f"{Path(caps.images_dir).name}-failed.csv"

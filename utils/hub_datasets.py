@@ -436,9 +436,12 @@ def read_hf(cfg: DataConfig, root: Path) -> Parsed:
                                     f"of {where_table}, which hold the first {cfg.max_images} images")
                 break
     failed = _fetch_urls(images, folder, parsed) if images is not None and images.urls else {}
+    said = set()
     for where, image_id, path, text, split in pending:
         if path in failed:
-            parsed.skip(f"{where}: its image could not be fetched ({failed[path]})")
+            if where not in said:  # one line, one count, per row (not per caption of it)
+                said.add(where)
+                parsed.skip(f"{where}: its image could not be fetched ({failed[path]})")
             continue
         parsed.add(where, image_id, path, text, split)
     for value, count in unknown.items():
