@@ -288,15 +288,16 @@ def _is_url(text: str) -> bool:
 class _Images:
     """Turns each row's image cell into (image id, path), writing table bytes to files and gathering URLs."""
 
-    def __init__(self, cfg: DataConfig, folder: Path, base: Path, id_column: str | None):
-        self.folder, self.base, self.id_column = folder, base, id_column
+    def __init__(self, cfg: DataConfig, folder: Path, base: Path):
+        self.folder = folder
         self.images_dir = Path(os.path.abspath(Path(cfg.images_dir).expanduser())) if cfg.images_dir else base
         self.digests: dict[str, str] = {}  # image id -> digest of its bytes (two images never share an id)
         self.urls: dict[str, tuple[str, Path]] = {}  # url -> (name, file)
         self.kinds: set[str] = set()
 
-    def __call__(self, cell, ident, where: str, write: bool) -> tuple[str, str] | str:
-        """(image id, image path), or why the row has no image."""
+    def __call__(self, cell, ident, write: bool) -> tuple[str, str] | str:
+        """(image id, image path), or why the row has no image. `ident`: the row's id column, if any;
+        `write`: the image is among those kept (--max-images), so its bytes are written, its URL fetched."""
         if hasattr(cell, "save") and hasattr(cell, "mode"):  # a PIL image (a table whose feature decodes)
             import io
 
@@ -393,7 +394,7 @@ def read_hf(cfg: DataConfig, root: Path) -> Parsed:
         split_column = _split_column(cfg, columns, where_table)
         id_column = next((c for c in ID_COLUMNS if c in columns and c != image_column), None)
         if images is None:
-            images = _Images(cfg, folder, base, id_column)
+            images = _Images(cfg, folder, base)
         if type(features.get(image_column)).__name__ == "Image":
             import datasets
 
@@ -409,7 +410,7 @@ def read_hf(cfg: DataConfig, root: Path) -> Parsed:
                 row += 1
                 ident = batch[id_column][i] if id_column else None
                 write = cfg.max_images is None or len(kept) < cfg.max_images
-                got = images(batch[image_column][i], ident, where, write)
+                got = images(batch[image_column][i], ident, write)
                 if isinstance(got, str):
                     parsed.skip(f"{where}: {got} in column {image_column!r}")
                     continue
@@ -432,9 +433,11 @@ def read_hf(cfg: DataConfig, root: Path) -> Parsed:
                     continue
                 pending += [(where, image_id, path, text, split) for text in texts]
             if enough:
-                parsed.notes.append(f"--streaming with --max-images {cfg.max_images}: read the first {row - 1} rows "
-                                    f"of {where_table}, which hold the first {cfg.max_images} images")
                 break
+        if enough:
+            parsed.notes.append(f"--streaming with --max-images {cfg.max_images}: read the first {row - 1} rows "
+                                f"of {where_table}, which hold the first {cfg.max_images} images")
+            break
     failed = _fetch_urls(images, folder, parsed) if images is not None and images.urls else {}
     said = set()
     for where, image_id, path, text, split in pending:
