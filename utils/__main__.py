@@ -68,6 +68,8 @@ def cmd_download(args):
                                                     data.max_images, offline=is_offline(runtime.offline),
                                                     base_url=getattr(args, "base_url", None))))
         return _captions(data, runtime)
+    if data.dataset == "hf" and data.path:  # a Hub set is downloaded by reading it (its images written once)
+        return _captions(data, runtime)
     if not downloadable(data.dataset):
         sys.exit(f"--dataset {data.dataset} is read from your own files (--path); there is nothing to download.")
     captions, root = load_captions(data, runtime)
@@ -315,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = command("info", cmd_info, "print the environment, GPU check and what is cached")
     info.add_argument("--data-dir", default=None)
-    download = command("download", cmd_download, "fetch a dataset (Kaggle / attached input / embedded / COCO)",
+    download = command("download", cmd_download, "fetch a dataset (Kaggle / attached input / embedded / COCO / a Hugging Face set)",
                        [DataConfig])
     download.add_argument("--split", default=None, help="coco: train2014 (default), val2014, train2017 or val2017")
     download.add_argument("--base-url", default=None, help="coco: where annotations/ and the images are "

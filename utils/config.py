@@ -19,8 +19,8 @@ from typing import Literal
 from .errors import CourseError
 from .paths import default_data_dir
 
-DATASETS = ("embedded", "flickr30k", "food", "coco", "karpathy", "csv", "folder", "webdataset")
-Dataset = Literal["embedded", "flickr30k", "food", "coco", "karpathy", "csv", "folder", "webdataset"]
+DATASETS = ("embedded", "flickr30k", "flickr8k", "food", "coco", "karpathy", "csv", "folder", "webdataset", "hf")
+Dataset = Literal["embedded", "flickr30k", "flickr8k", "food", "coco", "karpathy", "csv", "folder", "webdataset", "hf"]
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
 
@@ -123,10 +123,25 @@ class DataConfig(Settings):
     dataset: Dataset = setting("embedded", "which captions to read")
     data_dir: str = setting(help="downloads, caches, runs and models live here (CLIPCAP_DATA)",
                             factory=default_data_dir)
-    path: str | None = setting(None, "captions file, image folder or shard glob (found for downloads)")
+    path: str | None = setting(None, "captions file, image folder or shard glob (found for downloads); hf: a Hub "
+                                     "name (nlphuji/flickr30k), a save_to_disk folder, parquet files or a glob")
     images_dir: str | None = setting(None, "where the images named in --path are (default: beside it)")
-    image_column: str = setting("image", "csv: column holding the image file name")
-    caption_column: str = setting("caption", "csv: column holding the caption")
+    image_column: str = setting("image", "csv, hf: column holding the image (csv: its file name; hf: an Image "
+                                         "feature, a path or a URL)")
+    caption_column: str = setting("caption", "csv, hf: column holding the caption (hf: text or a list of texts; "
+                                             "several columns as caption_0,caption_1 or caption_*)")
+    split_column: str | None = setting(None, "hf: column holding each row's split (default: 'split' when the table "
+                                             "has one; else the table's own splits, else by image)")
+    split_values: str = setting("train=train,restval=train,val=val,validation=val,valid=val,dev=val,test=test",
+                                "hf: how split values (the column's, or the table's split names) map onto "
+                                "train / val / test, as value=split pairs")
+    hf_subset: str | None = setting(None, "hf: the set's configuration (subset) name, for Hub sets that have several")
+    hf_split: str | None = setting(None, "hf: read only this split of the set, e.g. train or train+test "
+                                         "(default: all of them)")
+    revision: str | None = setting(None, "hf: the Hub revision (branch, tag or commit) to read; pin it for "
+                                         "results others can repeat")
+    streaming: bool = setting(False, "hf: read the set row by row without storing the table (sets larger than "
+                                     "memory or disk); images are still written once under data_dir/hf-images")
     separator: str = setting(",", "csv: field separator")
     encoding: str | None = setting(None, "text encoding of captions files (default: UTF-8, or what a byte-order "
                                    "mark says; a file that is not UTF-8 is named with the encoding that reads it)")

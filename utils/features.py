@@ -31,7 +31,7 @@ from . import __version__
 from .clip_encoder import STORED_DTYPE, encode_batches, precision
 from .config import DataConfig, FeatureConfig, RuntimeConfig
 from .errors import CourseError
-from .records import Captions, file_stamp
+from .records import Captions, restamp
 from .files import atomic_path, read_json, write_json
 from .paths import default_cache_dir, models_dir
 from .runtime import is_offline, resolve_device
@@ -208,7 +208,8 @@ def _check_captions_file(path: Path, meta: dict) -> None:
     """Refuse a cache whose captions file was edited after it was read (ClipCap reused a token cache keyed
     by file name after the data changed); a file no longer there is fine: the cache holds its captions."""
     stamp = meta.get("captions_file")
-    if stamp and Path(stamp["path"]).is_file() and file_stamp(stamp["path"]) != stamp:
+    now = restamp(stamp) if stamp else None
+    if now is not None and now != stamp:
         raise FeatureCacheError(f"{stamp['path']} changed after the feature cache at {path} read its captions: "
                                 "rerun `python -m utils features` with the flags that made the cache (or notebook "
                                 "02) to read them again; no image is encoded again.")
