@@ -15,6 +15,7 @@ from utils.__main__ import main
 from utils.captioner import Captioner
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig, standin_preset
 from utils.course import run_course
+from utils.features import training_cache
 from utils.model import CaptionerError
 from utils.paths import CoursePaths, course_paths
 from utils.standins import gpt2_dir
@@ -135,7 +136,7 @@ def test_a_bundle_finds_its_cache_after_the_data_folder_moved(first_run, tmp_pat
     assert bundles.find_training_cache(summary, bundle, tmp_path / "elsewhere") == \
         moved / "features" / "embedded-standin-ViT"
     monkeypatch.setenv("CLIPCAP_DATA", str(moved))
-    cache = Captioner.from_pretrained(bundle).training_cache()
+    cache = training_cache(Captioner.from_pretrained(bundle))
     assert all(path.startswith(str(moved)) for path in cache.images["image_path"])  # its images moved too
     main(["evaluate", "--model", str(bundle), "--metrics", "BLEU", "--json"])
     printed = json.loads(capsys.readouterr().out)

@@ -167,11 +167,11 @@ def cmd_caption(args, captioner=None) -> list[dict]:
 def cmd_evaluate(args, captioner=None) -> dict:
     """Score a captioner on a split of a feature cache (default: the cache it was trained on)."""
     from .evaluation import METRICS, evaluate_split
-    from .features import load_cache
+    from .features import load_cache, training_cache
 
     decode = decode_config(**given_arguments(DecodeConfig, args))
     captioner = captioner or _load_captioner(args)
-    cache = load_cache(args.features) if args.features else captioner.training_cache()  # or: where it looked
+    cache = load_cache(args.features) if args.features else training_cache(captioner)  # or: where it looked
     features = cache.path
     scores, per_image = evaluate_split(captioner, cache, args.split, decode, args.clip_score, args.out,
                                        args.metrics or METRICS)
@@ -214,6 +214,7 @@ def _with(config, settings: dict):
 
 def cmd_serve(args) -> None:
     """The web demo of a trained captioner, until Ctrl+C; the page's knobs start from the decoding flags."""
+    from .features import training_cache
     from .model import CaptionerError
     from .serve import VALIDATION, bundle_title, create_app, folder_examples, make_demo_server, validation_examples
 
@@ -225,7 +226,7 @@ def cmd_serve(args) -> None:
         examples, examples_are = validation_examples(captioner), VALIDATION
         if not examples:
             try:
-                why = f"no validation images in the feature cache at {captioner.training_cache().path}"
+                why = f"no validation images in the feature cache at {training_cache(captioner).path}"
             except CaptionerError as exc:
                 why = str(exc)
             print(f"no example gallery: {why}; show a folder of images with --examples DIR", file=sys.stderr)
@@ -262,11 +263,13 @@ def cmd_import_clipcap(args) -> None:
 def cmd_bench(args) -> None:
     """Each benchmark measures ours and the ClipCap way in the same run and writes a results table."""
     from . import bench
+    from .bench_gpu import bench_gpu
     from .bench_training import bench_training
+
     device, out = args.device or "auto", Path(args.out)
     models_dir = None  # the stand-ins' per-machine folder (standins.standins_home())
     if args.what == "gpu":
-        bench.bench_gpu(args.quick, device, args.precision, args.compile, models_dir=models_dir, out_dir=out)
+        bench_gpu(args.quick, device, args.precision, args.compile, models_dir=models_dir, out_dir=out)
         return
     which = ("features", "training", "captioning") if args.what == "all" else (args.what,)
     for name in which:

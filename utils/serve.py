@@ -37,16 +37,15 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from .bundle import training_cache
 from .clip_encoder import draft_size
 from .config import DecodeConfig, DecodeConfigError
 from .controls import KNOBS, METHODS, caption_call, decode_from_controls, start_values, table_json
-from .features import FeatureCacheError
+from .features import FeatureCacheError, training_cache
 from .images import (FORMAT_NAMES, IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, UnreadableImage, decode_image, open_image,
                      preview_png, read_image_bytes)
 from .model import CaptionerError
 from .records import DatasetError
-from .standins import is_standin
+from .standin_names import is_standin
 from .translate import LANGUAGES, TranslationError, Translators
 
 MAX_BYTES = 10 * 1024 * 1024  # an upload over 10 MB is refused before it is read
@@ -100,7 +99,7 @@ def validation_examples(captioner, limit: int = EXAMPLES) -> dict[str, str]:
     """name -> path of the first validation images of the feature cache the bundle was trained on;
     empty when the bundle names no cache or the cache is not on this machine."""
     try:  # found even where the data folder moved
-        cache = training_cache(getattr(captioner, "summary", {}), getattr(captioner, "bundle_path", None))
+        cache = training_cache(captioner)
     except (CaptionerError, FeatureCacheError):
         return {}
     val = cache.images[cache.images["split"] == "val"].head(limit)

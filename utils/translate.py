@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .errors import CourseError
 from .runtime import announce_offline, is_offline
-from .standins import STANDIN_PREFIX, is_standin, marian_dir
+from .standin_names import STANDIN_PREFIX, is_standin
+from .standins import marian_dir
 
 HUB_NAME = "Helsinki-NLP/opus-mt-en-{lang}"
 # The choices the demo and the explorer offer: opus-mt-en-<lang> models with one target language (those
