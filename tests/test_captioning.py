@@ -25,7 +25,8 @@ from utils.sources import load_language_model
 from utils.config import (DecodeConfig, DecodeConfigError, ModelConfig, RuntimeConfig, decode_config,
                           standin_preset)
 from utils.images import UnreadableImage
-from utils.evaluation import (EvaluationError, clip_score, evaluate_split, references_by_image, temperature_summary,
+from utils.clipscore import clip_score
+from utils.evaluation import (EvaluationError, evaluate_split, references_by_image, temperature_summary,
                               temperature_table)
 from utils.features import load_cache
 from utils.training import train

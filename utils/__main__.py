@@ -166,7 +166,8 @@ def cmd_caption(args, captioner=None) -> list[dict]:
 
 def cmd_evaluate(args, captioner=None) -> dict:
     """Score a captioner on a split of a feature cache (default: the cache it was trained on)."""
-    from .evaluation import METRICS, evaluate_split
+    from .evaluation import evaluate_split
+    from .metrics import METRICS
     from .features import load_cache, training_cache
 
     decode = decode_config(**given_arguments(DecodeConfig, args))

@@ -116,7 +116,8 @@ def run_course(data: DataConfig | None = None, features: FeatureConfig | None = 
     """
     from .captioner import Captioner
     from .calibration import closing_report
-    from .evaluation import METRICS, evaluate_split
+    from .evaluation import evaluate_split
+    from .metrics import METRICS
     from .features import cache_features, load_cache
     from .runtime import resolve_device
     from .errors import TrainingError
