@@ -24,7 +24,8 @@ def models_dir(tmp_path_factory) -> Path:
     for the session through CLIPCAP_STANDINS, so tests never read or fill the user's cache (unless
     CLIPCAP_TEST_STANDINS names a folder to keep them in between sessions); subprocesses and
     notebook kernels inherit it. The stand-ins are built there once, by the first test that needs them."""
-    from utils.standins import STANDINS_ENV, standins_home
+    from utils.standin_names import STANDINS_ENV
+    from utils.standins import standins_home
 
     mp = pytest.MonkeyPatch()
     # CLIPCAP_TEST_STANDINS: a folder kept between sessions (a CI cache, a developer's machine) instead

@@ -19,7 +19,8 @@ from utils.bench_training import real_token_flops
 from utils.captioner import Captioner
 from utils.sources import load_language_model
 from utils.config import ModelConfig, TrainConfig
-from utils.training import epoch_order, length_bucketed_batches, make_optimizer, padding_share
+from utils.schedule import epoch_order, length_bucketed_batches, padding_share
+from utils.training_run import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

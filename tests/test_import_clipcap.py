@@ -222,7 +222,7 @@ def test_cli_imports_then_captions_image_files(gpt, models_dir, data_dir, tmp_pa
     assert ("imported ClipCap's MLP mapper (prefix 10) for standin:ViT embeddings (64-d) and its fine-tuned GPT-2 "
             "(standin:gpt2)") in proc.stdout
     images = []
-    for i, colour in enumerate(["red", "navy", "yellow"]):
+    for colour in ["red", "navy", "yellow"]:
         images.append(str(tmp_path / f"{colour}.png"))
         Image.new("RGB", (64, 64), colour).save(images[-1])
     captioned = run_cli("caption", "--model", str(bundle), *images, data_dir=data_dir).stdout.splitlines()

@@ -4,6 +4,8 @@ get for a latin-1 CSV, two CSV sets in one data folder, and a wrong --images-dir
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 from pathlib import Path
 
@@ -52,8 +54,7 @@ def test_food_set_as_kaggle_unpacks_it(food):
 def test_food_set_through_csv_and_its_index_column(food):
     cfg = DataConfig(dataset="csv", path=str(food / "Captions.csv"), image_column="Index", caption_column="Captions")
     _check_food_records(load_records(cfg), food)  # dataset/ found beside the file, 0 -> dataset/0.jpg
-    cfg.images_dir = str(food / "dataset")
-    _check_food_records(load_records(cfg), food)
+    _check_food_records(load_records(dataclasses.replace(cfg, images_dir=str(food / "dataset"))), food)
 
 
 def test_food_set_features_offline(food, data_dir):

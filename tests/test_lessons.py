@@ -166,7 +166,8 @@ def test_closing_report_reads_a_feature_cache_as_the_main_job_has_it(small_cache
     """What the main job calls after evaluate_split: calibration rows on the cache's own test images, facts
     right on the embedded set, no paper columns there, and a what-next line."""
     from utils.calibration import closing_report
-    from utils.evaluation import references_by_image, score_captions
+    from utils.evaluation import references_by_image
+    from utils.metrics import score_captions
     from utils.features import load_cache
 
     cache = load_cache(small_cache)

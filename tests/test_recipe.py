@@ -12,7 +12,8 @@ import torch
 
 from utils.config import ConfigError, RuntimeConfig, TrainConfig, standin_preset
 from utils.schedule import batch_recipe, effective_batch, get_lr, warmup_for
-from utils.training import batch_recipe_message, train
+from utils.training import train
+from utils.training_run import batch_recipe_message
 
 
 def test_the_recipe_keeps_the_warmup_in_captions_and_scales_the_lr_by_the_square_root():

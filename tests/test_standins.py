@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import embedded_set
 from utils import standins
 from utils.embedded import EMBEDDED_ATTRIBUTES
+from utils.standin_names import STANDINS_ENV, clip_standin_name
 
 
 def test_clip_vit_standin_loads_through_clip_load(models_dir):
@@ -25,7 +26,7 @@ def test_clip_vit_standin_loads_through_clip_load(models_dir):
     image = torch.rand(2, 3, 64, 64)
     assert model.encode_image(image).shape == (2, 64)
     assert model.encode_text(clip.tokenize(["a red circle", "a blue square"])).shape == (2, 64)
-    assert standins.clip_standin_name("ViT-B/32") == "standin:ViT"
+    assert clip_standin_name("ViT-B/32") == "standin:ViT"
 
 
 def test_clip_resnet_standin_for_rn_backbones(models_dir):
@@ -117,7 +118,7 @@ def test_standins_live_in_one_folder_per_machine(monkeypatch, tmp_path, models_d
 
     assert models_dir == standins.standins_home() and str(models_dir).startswith(str(models_dir.parent))
     assert language_model_source("gpt2", True)[0] == str(models_dir / "standin-gpt2")
-    monkeypatch.delenv(standins.STANDINS_ENV)
+    monkeypatch.delenv(STANDINS_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert standins.standins_home().parent == tmp_path / "xdg" / "clipcap-course"
     monkeypatch.delenv("XDG_CACHE_HOME")

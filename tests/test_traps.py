@@ -38,7 +38,10 @@ from utils.config import (DataConfig, DecodeConfig, FeatureConfig, ModelConfig, 
                           standin_preset)
 from utils.readers import load_records
 from utils.features import FeatureCacheError, cache_features, load_cache
-from utils.training import TrainingError, build_captioner, epoch_order, make_split, train
+from utils.errors import TrainingError
+from utils.schedule import epoch_order
+from utils.training import train
+from utils.training_run import build_captioner, make_split
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
 
@@ -70,7 +73,7 @@ def _held_out(cache) -> torch.Tensor:
 
 
 def test_mask_and_labels_of_an_item_are_the_same_on_every_access(cache, models_dir):
-    captioner = build_captioner(standin_preset()[0], cache, OFFLINE, models_dir)
+    captioner = build_captioner(standin_preset()[0], cache, OFFLINE)
     split = make_split(cache, "train", captioner)
     stored = copy.deepcopy(split.tokens)
     seen = {}

@@ -365,32 +365,6 @@ def cache_reference(cache: str | Path) -> dict:
             "features_fingerprint": meta.get("images_fingerprint"), "clip_precision": meta.get("clip_precision")}
 
 
-def training_cache(summary: dict, bundle_path: str | Path | None = None, data: str | Path | None = None):
-    """The feature cache (a FeatureCache) a bundle was trained on, found by `find_training_cache`. When the
-    data folder moved, its images are read where they now are: an image path under the data folder it
-    was made in that is not there any more is taken from the same place under the folder it is in now."""
-    from .features import load_cache
-
-    path = find_training_cache(summary, bundle_path, data)
-    cache = load_cache(path)
-    made_in, recorded = summary.get("data_dir"), Path(summary["features"])
-    if made_in and not recorded.is_absolute():
-        now_in = path.parents[len(recorded.parts) - 1]
-        if Path(made_in) != now_in:
-            cache.images["image_path"] = [_moved(p, made_in, now_in) for p in cache.images["image_path"]]
-    return cache
-
-
-def _moved(image: str, made_in: str, now_in: Path) -> str:
-    """`image` (a path, or "<shard.tar>::<member>"), re-rooted from `made_in` to `now_in` when only the
-    re-rooted one is there."""
-    file, _, member = image.partition("::")
-    if not file.startswith(made_in.rstrip("/") + "/") or Path(file).exists():
-        return image
-    moved = now_in / Path(file).relative_to(made_in)
-    return (str(moved) + ("::" + member if member else "")) if moved.exists() else image
-
-
 def find_training_cache(summary: dict, bundle_path: str | Path | None = None,
                         data: str | Path | None = None) -> Path:
     """The folder of the feature cache a bundle was trained on, on this machine; CaptionerError saying where it

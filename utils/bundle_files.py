@@ -26,6 +26,7 @@ import shutil
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from .errors import CourseError
 from .files import atomic_dir
 from .paths import user_cache
 
@@ -39,7 +40,7 @@ _KAGGLE_ID = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+(/\d+)?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ShareError(ValueError):
+class ShareError(CourseError, ValueError):
     """A bundle cannot be exported, published or found; the message says why and what to do."""
 
 

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from .evaluation import (METRICS, PAPER_REFERENCE, clip_scores_of_files, embedded_truth, facts_right, results_table,
-                         score_captions)
+from .evaluation import PAPER_REFERENCE, clip_scores_of_files, embedded_truth, facts_right, results_table
+from .metrics import METRICS, score_captions
 
 CALIBRATION_ROWS = {
     "reference": "a human reference caption, scored against the image's other references",

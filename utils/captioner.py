@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from . import bundle
 from .clip_encoder import as_stored, encode_images
@@ -22,7 +21,7 @@ from .images import UnreadableImage, image_name
 from .model import CaptionerError, CaptionModel
 from .paths import models_dir as default_models_dir
 from .sources import load_clip
-from .standins import is_standin
+from .standin_names import is_standin
 
 
 class Captioner(CaptionModel):
@@ -110,8 +109,3 @@ class Captioner(CaptionModel):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "Captioner":
         return bundle.load(cls, path, device)
-
-    def training_cache(self, data_dir: str | Path | None = None):
-        """The feature cache (FeatureCache) this captioner was trained on, found on this machine even after
-        its data folder moved; CaptionerError says where it looked when it is not here (bundle.py)."""
-        return bundle.training_cache(self.summary, self.bundle_path, data_dir)

@@ -32,6 +32,7 @@ import torch
 from .bundle import LM_LIMITS, MAPPER_LIMITS
 from .captioner import Captioner
 from .config import ModelConfig, RuntimeConfig
+from .errors import CourseError
 from .sources import NO_REMOTE_CODE, language_model_source, load_tokenizer
 from .runtime import is_offline
 
@@ -44,7 +45,7 @@ CLIPCAP_LENGTH = 67  # tokens ClipCap's own decoding generates at most
 _STALE = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers old transformers saved with GPT-2
 
 
-class ClipCapImportError(ValueError):
+class ClipCapImportError(CourseError, ValueError):
     """A file that is not one of ClipCap's checkpoints, or settings that contradict it; says what to do."""
 
 

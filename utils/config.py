@@ -16,14 +16,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .errors import CourseError
 from .paths import default_data_dir
 
-DATASETS = ("embedded", "flickr30k", "food", "coco", "karpathy", "csv", "folder", "webdataset")
-Dataset = Literal["embedded", "flickr30k", "food", "coco", "karpathy", "csv", "folder", "webdataset"]
+DATASETS = ("embedded", "flickr30k", "flickr8k", "food", "coco", "karpathy", "csv", "folder", "webdataset", "hf")
+Dataset = Literal["embedded", "flickr30k", "flickr8k", "food", "coco", "karpathy", "csv", "folder", "webdataset", "hf"]
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
 
-class ConfigError(ValueError):
+class ConfigError(CourseError, ValueError):
     """A setting with a value it cannot take; the message names the setting, the value and what it may be."""
 
 
@@ -104,7 +105,7 @@ class Settings:
         return []
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuntimeConfig(Settings):
     """Where the run happens and whether it may reach the model hubs."""
 
@@ -115,17 +116,32 @@ class RuntimeConfig(Settings):
     seed: int = setting(0, "seed of the weights' initialisation and the data order", min=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig(Settings):
     """Which captions and images to read. Splits are made by image, never by caption."""
 
     dataset: Dataset = setting("embedded", "which captions to read")
     data_dir: str = setting(help="downloads, caches, runs and models live here (CLIPCAP_DATA)",
                             factory=default_data_dir)
-    path: str | None = setting(None, "captions file, image folder or shard glob (found for downloads)")
+    path: str | None = setting(None, "captions file, image folder or shard glob (found for downloads); hf: a Hub "
+                                     "name (nlphuji/flickr30k), a save_to_disk folder, parquet files or a glob")
     images_dir: str | None = setting(None, "where the images named in --path are (default: beside it)")
-    image_column: str = setting("image", "csv: column holding the image file name")
-    caption_column: str = setting("caption", "csv: column holding the caption")
+    image_column: str = setting("image", "csv, hf: column holding the image (csv: its file name; hf: an Image "
+                                         "feature, a path or a URL)")
+    caption_column: str = setting("caption", "csv, hf: column holding the caption (hf: text or a list of texts; "
+                                             "several columns as caption_0,caption_1 or caption_*)")
+    split_column: str | None = setting(None, "hf: column holding each row's split (default: 'split' when the table "
+                                             "has one; else the table's own splits, else by image)")
+    split_values: str = setting("train=train,restval=train,val=val,validation=val,valid=val,dev=val,test=test",
+                                "hf: how split values (the column's, or the table's split names) map onto "
+                                "train / val / test, as value=split pairs")
+    hf_subset: str | None = setting(None, "hf: the set's configuration (subset) name, for Hub sets that have several")
+    hf_split: str | None = setting(None, "hf: read only this split of the set, e.g. train or train+test "
+                                         "(default: all of them)")
+    revision: str | None = setting(None, "hf: the Hub revision (branch, tag or commit) to read; pin it for "
+                                         "results others can repeat")
+    streaming: bool = setting(False, "hf: read the set row by row without storing the table (sets larger than "
+                                     "memory or disk); images are still written once under data_dir/hf-images")
     separator: str = setting(",", "csv: field separator")
     encoding: str | None = setting(None, "text encoding of captions files (default: UTF-8, or what a byte-order "
                                    "mark says; a file that is not UTF-8 is named with the encoding that reads it)")
@@ -141,7 +157,7 @@ class DataConfig(Settings):
         return []
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeatureConfig(Settings):
     """How CLIP image embeddings are computed and cached (once per dataset and backbone)."""
 
@@ -157,7 +173,7 @@ Mapper = Literal["transformer", "mlp"]
 Freeze = Literal["frozen", "full", "partial"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig(Settings):
     """The captioner's shape. Saved inside every checkpoint and bundle and read back on loading, so
     training and inference can never disagree on CLIP width, prefix length or normalisation."""
@@ -184,10 +200,11 @@ class ModelConfig(Settings):
 
 
 Decay = Literal["linear", "cosine", "constant"]
+Keep = Literal["all", "history"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(Settings):
     """The training loop: AdamW under linear warm-up, then decay, as ClipCap trains."""
 
@@ -223,7 +240,9 @@ class TrainConfig(Settings):
     resume: bool | Literal["auto"] = setting(False, "continue the run in --out-dir from its checkpoint.pt (refused "
                                                     "when there is none; in Python, resume='auto' continues one if "
                                                     "there is one, else starts)")
-    num_workers: int = setting(0, "train: unused (batches come from the in-memory feature cache)", min=0)
+    keep: Keep = setting("all", "what a finished run keeps: all (checkpoint.pt to resume or extend it, best.pt, the "
+                                "captioner bundle); history (history.json and summary.json only: for comparison "
+                                "runs; checkpoints are written while it trains, so an interrupted run resumes)")
     watch_images: int = setting(8, "validation images captioned at every evaluation, to watch captions improve",
                                 min=0)
     collapse_warning: float = setting(0.5, "after the warm-up, warn when the watched captions' distinct share stays "
@@ -244,7 +263,7 @@ class DecodeConfigError(ConfigError):
     """Decoding settings that contradict each other; the message says which and what to change."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeConfig(Settings):
     """How a caption is read out of the LM; transformers' `generate()` does the decoding.
 

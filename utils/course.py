@@ -116,10 +116,11 @@ def run_course(data: DataConfig | None = None, features: FeatureConfig | None = 
     """
     from .captioner import Captioner
     from .calibration import closing_report
-    from .evaluation import METRICS, evaluate_split
+    from .evaluation import evaluate_split
+    from .metrics import METRICS
     from .features import cache_features, load_cache
     from .runtime import resolve_device
-    from .training import TrainingError
+    from .errors import TrainingError
     from .training import train as train_captioner
 
     data, features, runtime = data or DataConfig(), features or FeatureConfig(), runtime or RuntimeConfig()

@@ -28,9 +28,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import __version__
+from .bundle import find_training_cache
 from .clip_encoder import STORED_DTYPE, encode_batches, precision
 from .config import DataConfig, FeatureConfig, RuntimeConfig
-from .records import Captions, file_stamp
+from .errors import CourseError
+from .records import Captions, restamp
 from .files import atomic_path, read_json, write_json
 from .paths import default_cache_dir, models_dir
 from .runtime import is_offline, resolve_device
@@ -42,7 +44,7 @@ _MUST_MATCH = ("format_version", "backbone", "clip_dim", "image_resolution", "dt
                "images_fingerprint", "chunk_size")
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(CourseError, RuntimeError):
     """A cache that cannot be used as asked: made with other settings, or incomplete."""
 
 
@@ -223,7 +225,8 @@ def _check_captions_file(path: Path, meta: dict) -> None:
     """Refuse a cache whose captions file was edited after it was read (ClipCap reused a token cache keyed
     by file name after the data changed); a file no longer there is fine: the cache holds its captions."""
     stamp = meta.get("captions_file")
-    if stamp and Path(stamp["path"]).is_file() and file_stamp(stamp["path"]) != stamp:
+    now = restamp(stamp) if stamp else None
+    if now is not None and now != stamp:
         raise FeatureCacheError(f"{stamp['path']} changed after the feature cache at {path} read its captions: "
                                 "rerun `python -m utils features` with the flags that made the cache (or notebook "
                                 "02) to read them again; no image is encoded again.")
@@ -305,3 +308,29 @@ def load_cache(path: str | Path, backbone: str | None = None) -> FeatureCache:
     return FeatureCache(path, meta, features, images,
                         pd.read_csv(path / "captions.csv", dtype={"image_id": str}, keep_default_na=False),
                         pd.read_csv(path / "skipped.csv", dtype={"image_id": str}))
+
+
+def training_cache(captioner, data: str | Path | None = None) -> FeatureCache:
+    """The feature cache a captioner was trained on (its bundle's summary names it), found on this machine even
+    after its data folder moved (bundle.find_training_cache; CaptionerError says where it looked). Its images
+    are read where they now are: an image path under the data folder it was made in that is not there any more
+    is taken from the same place under the folder it is in now."""
+    summary = getattr(captioner, "summary", {})
+    path = find_training_cache(summary, getattr(captioner, "bundle_path", None), data)
+    cache = load_cache(path)
+    made_in, recorded = summary.get("data_dir"), Path(summary["features"])
+    if made_in and not recorded.is_absolute():
+        now_in = path.parents[len(recorded.parts) - 1]
+        if Path(made_in) != now_in:
+            cache.images["image_path"] = [_moved(p, made_in, now_in) for p in cache.images["image_path"]]
+    return cache
+
+
+def _moved(image: str, made_in: str, now_in: Path) -> str:
+    """`image` (a path, or "<shard.tar>::<member>"), re-rooted from `made_in` to `now_in` when only the
+    re-rooted one is there."""
+    file, _, member = image.partition("::")
+    if not file.startswith(made_in.rstrip("/") + "/") or Path(file).exists():
+        return image
+    moved = now_in / Path(file).relative_to(made_in)
+    return (str(moved) + ("::" + member if member else "")) if moved.exists() else image

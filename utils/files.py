@@ -13,8 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import CourseError
 
-class DiskFull(OSError):
+
+class DiskFull(CourseError, OSError):
     """The disk filled up while writing; what was there before is untouched."""
 
 
@@ -100,3 +102,11 @@ def write_json(dest: str | os.PathLike, obj) -> Path:
 
 def read_json(path: str | os.PathLike):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Free space on the disk `folder` is (or will be) on: the nearest folder of it that exists is asked."""
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free

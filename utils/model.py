@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecodeConfig, ModelConfig, decode_config
+from .errors import CourseError
 from .mapper import build_mapper
 from .runtime import to_device
 
@@ -31,7 +32,7 @@ from .runtime import to_device
 LEAN_HEAD_MODELS = ("gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2")
 
 
-class CaptionerError(ValueError):
+class CaptionerError(CourseError, ValueError):
     """A bundle that cannot be loaded, or inputs this captioner cannot take (CLIP embeddings of another
     width); the message says what to do."""
 

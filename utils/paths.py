@@ -13,6 +13,7 @@ cache relative to the data folder (`relative_to_data`) and find it again after t
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -89,16 +90,36 @@ class DataPlace(Protocol):
     data_dir: str
     path: str | None
     images_dir: str | None
+    hf_subset: str | None
+    hf_split: str | None
+    revision: str | None
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
+def is_local(spec: str) -> bool:
+    """--path names files on this machine (a folder, a file, a glob), not a Hub set."""
+    return Path(spec).expanduser().exists() or glob.has_magic(spec)
+
+
+def source_label(data: DataPlace) -> str:
+    """A `datasets` source as one line: the absolute path of local files, else hf://datasets/<name>, with the
+    subset, split and revision asked for; the feature cache's folder name and image folder come from it."""
+    spec = data.path or ""
+    label = os.path.abspath(os.path.expanduser(spec)) if is_local(spec) else f"hf://datasets/{spec}"
+    extras = [f"{k}={v}" for k, v in (("subset", data.hf_subset), ("split", data.hf_split),
+                                       ("revision", data.revision)) if v]
+    return label + (f" ({', '.join(extras)})" if extras else "")
+
+
 def source_key(data: DataPlace) -> str | None:
     """A short hash of the captions file and images folder a set is read from (None for a download or the
     embedded set, which have one place in a data folder): two sets never share a cache folder."""
     given = [os.path.abspath(os.path.expanduser(p)) for p in (data.path, data.images_dir) if p]
+    if data.dataset == "hf" and data.path:  # a Hub name is no path; the subset, split and revision matter too
+        given[0] = source_label(data)
     if not given:
         return None
     return hashlib.sha256("\n".join([data.dataset, *given]).encode("utf-8", "surrogateescape")).hexdigest()[:8]
@@ -112,7 +133,7 @@ def default_cache_dir(data: DataPlace, backbone: str, offline: bool = False) -> 
     key = source_key(data)
     if key is None:
         return features_dir(data.data_dir) / f"{data.dataset}-{slug}"
-    stem = _slug(Path(data.path).stem if data.path else "images")[:40]
+    stem = _slug(Path(data.path.rstrip("/")).stem if data.path else "images")[:40] or "table"
     return features_dir(data.data_dir) / f"{data.dataset}-{stem}-{key}-{slug}"
 
 

@@ -12,11 +12,13 @@ import socket
 import sys
 from pathlib import Path
 
+from .errors import CourseError
+
 # Hosts the real models come from: CLIP weights (openaipublic) and GPT-2 (Hugging Face).
 HUB_HOSTS = (("openaipublic.azureedge.net", 443), ("huggingface.co", 443))
 
 
-class GPUUnsupported(RuntimeError):
+class GPUUnsupported(CourseError, RuntimeError):
     """This torch build cannot run kernels on the GPU that is present."""
 
 

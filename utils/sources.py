@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .runtime import announce_offline
-from .standins import STANDIN_PREFIX, clip_archive, clip_standin_name, gpt2_dir, is_standin, t5_dir
+from .standin_names import STANDIN_PREFIX, clip_standin_name, is_standin
+from .standins import clip_archive, gpt2_dir, t5_dir
 
 NO_REMOTE_CODE = {"trust_remote_code": False}  # every from_pretrained of a file or name a user gives
 

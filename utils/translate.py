@@ -16,9 +16,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CourseError
 from .runtime import announce_offline, is_offline
 from .sources import NO_REMOTE_CODE
-from .standins import STANDIN_PREFIX, is_standin, marian_dir
+from .standin_names import STANDIN_PREFIX, is_standin
+from .standins import marian_dir
 
 HUB_NAME = "Helsinki-NLP/opus-mt-en-{lang}"
 # The choices the demo and the explorer offer: opus-mt-en-<lang> models with one target language (those
@@ -29,7 +31,7 @@ STANDIN_LABEL = "[stand-in model, not a translation]"
 SENTENCEPIECE = "sentencepiece==0.2.3"  # what MarianTokenizer needs (pip install it)
 
 
-class TranslationError(ValueError):
+class TranslationError(CourseError, ValueError):
     """No translation model for that language here; the message says why and what to do."""
 
 
@@ -113,6 +115,7 @@ class Translators:
         self._lock = threading.Lock()
 
     def __getitem__(self, lang: str) -> Translator:
+        lang = (lang or "").strip().lower()  # "DE", " de" and "de": one model, loaded once
         with self._lock:
             if lang not in self._loaded:
                 self._loaded[lang] = load_translator(lang, self.offline, self.models_dir)
