@@ -70,10 +70,16 @@ def report_cache(cache, say=print) -> None:
 
 
 def training_report(result) -> str:
-    """The lines a finished training prints: steps, best validation loss, where the bundle is."""
+    """The lines a finished training prints: this session's steps and time (a resumed run says from where), the
+    best validation loss, where the bundle is."""
     val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a (no validation split)"
-    return (f"trained {result.steps} steps; best validation loss {val}\ncaptioner bundle: {result.bundle}\n"
-            f"history: {result.out_dir / 'history.json'}")
+    session = result.steps - result.first_step
+    done = (f"resumed at step {result.first_step}: trained {session} steps in this session, to step {result.steps}"
+            if result.resumed else f"trained {result.steps} steps")
+    if session:
+        done += f" ({result.seconds / 60:.1f} min)"
+    bundle = f"captioner bundle: {result.bundle}\n" if result.bundle else ""
+    return f"{done}; best validation loss {val}\n{bundle}history: {result.out_dir / 'history.json'}"
 
 
 def cache_state(out: Path) -> str:
