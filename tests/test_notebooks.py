@@ -4,6 +4,8 @@ papermill, writing their data and figures into a temporary folder (never the che
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -51,11 +53,73 @@ def test_first_cell_is_the_same_everywhere_and_second_is_the_parameters():
     first = {path.name: _source(_code_cells(_read(path))[0]) for path in NOTEBOOKS}
     assert len(set(first.values())) == 1, f"the first code cell differs between notebooks: {sorted(first)}"
     setup = next(iter(first.values()))
-    assert "utils.setup.notebook_setup(drive=False)" in setup and "@v0" in setup, "one pinned install line, one setup call"
+    assert "utils.setup.notebook_setup(drive=False)" in setup and "COURSE_URL" in setup, "one install line, one setup call"
     for path in NOTEBOOKS:
         second = _code_cells(_read(path))[1]
         assert "parameters" in second.get("metadata", {}).get("tags", []), f"{path.name}: cell 2 is not tagged"
         assert "offline" in _source(second) and "dataset" in _source(second)
+
+
+# Where README and the notebooks name a git ref: an install URL (git+https://...@REF), a clone (-b REF) and
+# the Colab / Kaggle links (.../blob/REF/path).
+GIT_REFS = (re.compile(r"git\+https://[^\s\"'@]+@([\w./-]+)"), re.compile(r"git clone [^\n]*?-b ([\w./-]+)"),
+            re.compile(r"/(?:blob|tree)/([\w.-]+)/"))
+
+
+def _named_refs() -> dict[str, set[str]]:
+    """ref -> the files of the course that name it."""
+    refs: dict[str, set[str]] = {}
+    for path in [ROOT / "README.md", *NOTEBOOKS]:
+        text = path.read_text(encoding="utf-8")
+        text = "\n".join(_source(c) for c in _read(path)["cells"]) if path.suffix == ".ipynb" else text
+        for pattern in GIT_REFS:
+            for ref in pattern.findall(text):
+                refs.setdefault(ref, set()).add(path.name)
+    return refs
+
+
+def test_every_git_ref_the_course_names_resolves_in_this_repository():
+    """A tag or branch that does not exist makes a clone fail and the setup cell's install with it: every ref
+    README and the notebooks name must be one this repository has (a branch, its remote copy, or a tag), and
+    every file a Colab / Kaggle link opens must exist."""
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--git-dir"], capture_output=True).returncode:
+        pytest.skip("not a git checkout: no refs to resolve")
+    refs = _named_refs()
+    assert refs, "README and the notebooks name no ref at all: the patterns above no longer match them"
+    for ref, where in sorted(refs.items()):
+        found = any(subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"],
+                                   capture_output=True).returncode == 0
+                    for name in (ref, f"origin/{ref}", f"refs/tags/{ref}"))
+        assert found, f"{', '.join(sorted(where))} name the git ref {ref!r}, which this repository does not have"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for linked in re.findall(r"/blob/[\w.-]+/([\w./-]+\.ipynb)", readme):
+        assert (ROOT / linked).is_file(), f"README links {linked}, which is not in the repository"
+
+
+def test_the_setup_cell_installs_nothing_inside_a_checkout_and_stops_with_one_message_when_an_install_fails(
+        tmp_path, monkeypatch, capsys):
+    """The first cell, run as a kernel runs it (it is plain Python): outside a checkout and with the course not
+    installed, it installs from COURSE_URL; an install that fails (here a repository that does not exist) stops
+    the notebook with one message naming the URL, never a traceback, and imports nothing of the course."""
+    import importlib.metadata
+
+    setup = _source(_code_cells(_read(NOTEBOOKS[0]))[0])
+    assert setup.count("COURSE_URL = ") == 1
+    missing = tmp_path / "no-such-repository"
+    cell = re.sub(r'COURSE_URL = "[^"]+"', f'COURSE_URL = "{missing.as_uri()}"', setup)
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    monkeypatch.chdir(tmp_path)  # no ../utils here: not a checkout
+    namespace: dict = {}
+    with pytest.raises(RuntimeError) as failed:
+        exec(compile(cell, "setup-cell", "exec"), namespace)
+    assert type(failed.value).__name__ == "SetupFailed"
+    assert failed.value._render_traceback_() == [f"SetupFailed: {failed.value}"]
+    assert str(missing.as_uri()) in str(failed.value) and "run this cell again" in str(failed.value)
+    assert "installing the course" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
