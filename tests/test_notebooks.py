@@ -132,6 +132,24 @@ def test_notebook_reads_as_the_course_style_asks(path):
     assert "## Summary" in text and "## Exercises" in text
 
 
+def test_a_freeze_chosen_in_the_notebooks_trains_in_a_folder_of_its_own(tmp_path):
+    """The main job trains the course's default (offline: the preset's freeze="full") into
+    runs/<dataset>-<mapper>; the notebooks' `freeze = None` means the same run, and a freeze they name gets its
+    own folder, so following README in order never resumes a run made with other settings."""
+    from utils.config import DataConfig
+    from utils.paths import course_paths
+
+    data = DataConfig(dataset="embedded", data_dir=str(tmp_path))
+    assert course_paths(data, "ViT-B/32", "transformer", True).run == tmp_path / "runs" / "embedded-transformer"
+    assert course_paths(data, "ViT-B/32", "transformer", True, None).run.name == "embedded-transformer"
+    partial = course_paths(data, "ViT-B/32", "transformer", True, "partial")
+    assert partial.run.name == "embedded-transformer-partial" and partial.bundle == partial.run / "captioner"
+    for path in NOTEBOOKS[1:]:
+        assert "course_paths(data, backbone, mapper, offline, freeze)" in "".join(map(_source, _code_cells(_read(path))))
+    for path in NOTEBOOKS:
+        assert re.search(r"^freeze = None ", _source(_code_cells(_read(path))[1]), re.M), f"{path.name}: freeze = None"
+
+
 def test_notebook_setup_shows_an_unusable_gpu_as_a_message(monkeypatch, capsys):
     import utils.setup
 
@@ -147,8 +165,12 @@ def test_notebook_setup_shows_an_unusable_gpu_as_a_message(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def course_run(tmp_path_factory):
-    """Every notebook, in order, as papermill runs them; data and figures go to a temporary folder."""
-    import papermill
+    """README's order, offline and at small sizes, in one temporary data folder: the main job
+    (`python -m utils course`, in-process), then every notebook in order through README's run-all loop
+    (`utils.course.run_notebooks`, papermill); data and figures go to the temporary folder. The notebooks at
+    their default parameters reuse the main job's run, never collide with it."""
+    from utils.__main__ import main
+    from utils.course import run_notebooks
 
     tmp = tmp_path_factory.mktemp("course")
     mp = pytest.MonkeyPatch()  # the kernels inherit this environment
@@ -156,20 +178,18 @@ def course_run(tmp_path_factory):
     mp.setenv("CLIPCAP_FIGURES", str(tmp / "figures"))
     mp.setenv("CLIPCAP_OFFLINE", "1")
     before = {d: sorted(p.name for p in (ROOT / d).iterdir()) for d in ("data", "figures") if (ROOT / d).is_dir()}
-    executed, seconds = {}, {}
+    said: list[str] = []
     try:
-        for path in NOTEBOOKS:
-            declared = papermill.inspect_notebook(str(path))
-            start = time.perf_counter()
-            papermill.execute_notebook(str(path), str(tmp / path.name), kernel_name="python3", cwd=str(path.parent),
-                                       parameters={k: v for k, v in PARAMETERS.items() if k in declared},
-                                       progress_bar=False)
-            seconds[path.stem] = time.perf_counter() - start
-            executed[path.stem] = _read(tmp / path.name)
+        start = time.perf_counter()
+        main(["course", "--offline", "--embedded-images", str(PARAMETERS["embedded_images"]),
+              "--max-steps", str(PARAMETERS["max_steps"])])
+        main_seconds = time.perf_counter() - start
+        run_notebooks(tmp, PARAMETERS, kernel_name="python3", say=said.append)
     finally:
         mp.undo()
+    executed = {path.stem: _read(tmp / path.name) for path in NOTEBOOKS}
     after = {d: sorted(p.name for p in (ROOT / d).iterdir()) for d in before}
-    print("notebook run times:", {k: f"{v:.0f} s" for k, v in seconds.items()}, f"total {sum(seconds.values()):.0f} s")
+    print(f"main job {main_seconds:.0f} s; then", "; ".join(line.strip() for line in said if " ran in " in line))
     return tmp, executed, before, after
 
 
@@ -207,6 +227,9 @@ def test_each_notebook_reads_what_the_previous_one_wrote(course_run):
     assert (cache / "features.npy").is_file(), "02 writes the feature cache"
     assert (run / "captioner" / "config.json").is_file() and (run / "history.json").is_file(), "03 trains"
     assert str(cache) in _outputs(executed["03_train_the_mapper"], "stdout")
+    runs = sorted(p.name for p in (tmp / "data" / "runs").iterdir())
+    assert runs[0] == "embedded-transformer" and not [r for r in runs if r.startswith("embedded-transformer-")
+                                                      and "compare" not in r], f"one run, the main job's: {runs}"
     results = _read(run / "results-test.json")
     assert results["info"]["split"] == "test" and "CIDEr" in results["scores"], "04 evaluates the run of 03"
 
