@@ -283,3 +283,51 @@ def test_the_lessons_show_at_the_defaults(course_run):
 def test_the_run_leaves_the_checkout_alone(course_run):
     _, _, before, after = course_run
     assert after == before, "notebooks under test must write to CLIPCAP_DATA / CLIPCAP_FIGURES only"
+
+
+@pytest.mark.slow
+def test_the_run_all_loop_reports_an_interrupted_training_and_stops(tmp_path, monkeypatch):
+    """README's run-all loop, interrupted as Jupyter's Interrupt button does it (SIGINT to the process running
+    the loop) while notebook 03 trains: the training writes its checkpoint, the loop ends with one message
+    saying 03 was interrupted with the resume line, the executed copy of 03 shows the same line, and 04 and 05
+    are never started."""
+    import os
+    import signal
+    import threading
+
+    from utils.course import NotebookStopped, run_notebooks
+
+    monkeypatch.setenv("CLIPCAP_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("CLIPCAP_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("CLIPCAP_OFFLINE", "1")
+    run = tmp_path / "data" / "runs" / "embedded-transformer"
+    finished = threading.Event()
+
+    def interrupt_during_training():  # the first checkpoint (an epoch's end) says training is under way
+        while not finished.is_set() and not (run / "checkpoint.pt").is_file():
+            time.sleep(0.05)
+        if not finished.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    said: list[str] = []
+    threading.Thread(target=interrupt_during_training, daemon=True).start()
+    try:
+        with pytest.raises(NotebookStopped) as stopped:  # 8 epochs of 21 steps: the interrupt lands in training
+            run_notebooks(tmp_path, dict(PARAMETERS, max_steps=None), kernel_name="python3", say=said.append)
+    finally:
+        finished.set()
+    message = str(stopped.value)
+    print(message)
+    assert message.startswith("03_train_the_mapper.ipynb was INTERRUPTED during training")
+    assert "SIGINT at step" in message and "checkpoint.pt" in message and "resumes the training" in message
+    assert "04_caption_and_evaluate.ipynb, 05_decoding_explorer.ipynb did not run" in message
+    assert stopped.value._render_traceback_() == [f"NotebookStopped: {message}"]
+    assert signal.getsignal(signal.SIGINT) is handler, "the loop gives Ctrl-C back"
+    assert (run / "checkpoint.pt").is_file() and not (run / "captioner" / "config.json").is_file()
+    assert not (tmp_path / "04_caption_and_evaluate.ipynb").exists(), "the loop stopped"
+    errors = [out for cell in _code_cells(_read(tmp_path / "03_train_the_mapper.ipynb"))
+              for out in cell.get("outputs", []) if out["output_type"] == "error"]
+    assert [e["ename"] for e in errors] == ["TrainingInterrupted"]
+    assert "to continue it" in "".join(errors[0]["traceback"]), "the executed notebook shows the resume line"
+    assert [line for line in said if " ran in " in line][-1].lstrip().startswith("02_clip_features.ipynb")

@@ -18,19 +18,18 @@ import numpy as np
 import pandas as pd
 
 from .config import TrainConfig
+from .paths import default_data_dir
 
 
 def figures_dir() -> Path:
-    """Where notebooks write figures: CLIPCAP_FIGURES, else figures/ of the checkout we run from, else
-    ./figures (on Kaggle /kaggle/working/figures, beside the data, so a saved version keeps them)."""
-    from .runtime import detect_platform
-
+    """Where notebooks write figures: CLIPCAP_FIGURES, else beside the data folder (`figures/` next to a
+    folder named `data`, else inside it), so figures live and persist where the data does: `figures/` of
+    the checkout, `/kaggle/working/figures` on Kaggle (kept by its persistence or a saved version), and on
+    Colab with the data on Drive (`notebook_setup(drive=True)`), `MyDrive/clipcap-course/figures`."""
     if os.environ.get("CLIPCAP_FIGURES"):
         return Path(os.environ["CLIPCAP_FIGURES"])
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file():
-        return checkout / "figures"
-    return Path("/kaggle/working/figures" if detect_platform() == "kaggle" else "figures").resolve()
+    data = Path(default_data_dir()).resolve()
+    return data.parent / "figures" if data.name == "data" else data / "figures"
 
 
 _LR_FORMAT = FuncFormatter(lambda value, _: f"{value:.1e}" if value else "0")
