@@ -7,20 +7,23 @@ import json
 import re
 import subprocess
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
 
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))  # the course, in run order
+SOLUTIONS = ROOT / "notebooks" / "exercise_solutions.ipynb"  # the exercises' expected answers, run after them
 # Small sizes: the whole course runs in a few minutes on 2 CPU cores.
-PARAMETERS = dict(offline=True, embedded_images=240, max_steps=40, table_images=8, explorer_images=4, compare_steps=15)
+PARAMETERS = dict(offline=True, embedded_images=240, max_steps=40, table_images=8, explorer_images=4, compare_steps=15,
+                  solution_steps=15)
 FIGURES = {
     "01_setup_and_data": ["01_model.png", "01_samples.png"],
     "02_clip_features": ["02_feature_map.png"],
     "03_train_the_mapper": ["03_model.png", "03_trainable_parameters.png", "03_lr_schedule.png",
-                            "03_training_curves.png", "03_compare.png"],
+                            "03_training_curves.png", "03_distinct_share.png", "03_compare.png"],
     "04_caption_and_evaluate": ["04_test_captions.png", "04_prefix_attention.png"],
     "05_decoding_explorer": ["05_next_token.png", "05_temperatures.png"],
 }
@@ -40,9 +43,10 @@ def _source(cell: dict) -> str:
 
 def test_the_course_has_its_notebooks_in_run_order():
     assert [p.stem for p in NOTEBOOKS] == list(FIGURES)
+    assert sorted((ROOT / "notebooks").glob("*.ipynb")) == sorted([*NOTEBOOKS, SOLUTIONS])
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [*NOTEBOOKS, SOLUTIONS], ids=lambda p: p.stem)
 def test_notebook_is_stored_without_outputs(path):
     for i, cell in enumerate(_code_cells(_read(path))):
         assert not cell.get("outputs"), f"{path.name}: code cell {i} is stored with outputs: clear them"
@@ -50,11 +54,11 @@ def test_notebook_is_stored_without_outputs(path):
 
 
 def test_first_cell_is_the_same_everywhere_and_second_is_the_parameters():
-    first = {path.name: _source(_code_cells(_read(path))[0]) for path in NOTEBOOKS}
+    first = {path.name: _source(_code_cells(_read(path))[0]) for path in [*NOTEBOOKS, SOLUTIONS]}
     assert len(set(first.values())) == 1, f"the first code cell differs between notebooks: {sorted(first)}"
     setup = next(iter(first.values()))
     assert "utils.setup.notebook_setup(drive=False)" in setup and "COURSE_URL" in setup, "one install line, one setup call"
-    for path in NOTEBOOKS:
+    for path in [*NOTEBOOKS, SOLUTIONS]:
         second = _code_cells(_read(path))[1]
         assert "parameters" in second.get("metadata", {}).get("tags", []), f"{path.name}: cell 2 is not tagged"
         assert "offline" in _source(second) and "dataset" in _source(second)
@@ -130,6 +134,21 @@ def test_notebook_reads_as_the_course_style_asks(path):
     assert markdown[0].startswith("# ") and "You will learn" in markdown[0] and "Where we are" in markdown[0]
     assert f"## {number}.1 " in text, "numbered sections"
     assert "## Summary" in text and "## Exercises" in text
+    assert "exercise_solutions.ipynb" in text or number < 3, "the exercises say where their answers are"
+
+
+def test_every_exercise_has_an_answer_with_a_cheap_setting():
+    """The solutions notebook answers every notebook's exercises (one section per notebook, as many answers
+    as exercises), and every training run in it is bounded by solution_steps."""
+    solutions = "\n".join(_source(c) for c in _read(SOLUTIONS)["cells"] if c["cell_type"] == "markdown")
+    for path in NOTEBOOKS:
+        text = "\n".join(_source(c) for c in _read(path)["cells"] if c["cell_type"] == "markdown")
+        asked = len(re.findall(r"^\d\. ", text.split("## Exercises")[1], re.M))
+        section = solutions.split(f"## {path.name[:2]} · ")[1].split("\n## ")[0]
+        answered = len(re.findall(r"^\d\. \*\*", section, re.M))
+        assert asked == answered > 0, f"{path.name}: {asked} exercises, {answered} answers"
+    code = "\n".join(_source(c) for c in _code_cells(_read(SOLUTIONS)))
+    assert "max_steps=solution_steps" in code and code.count("train(") == 1, "one bounded training call"
 
 
 def test_a_freeze_chosen_in_the_notebooks_trains_in_a_folder_of_its_own(tmp_path):
@@ -185,9 +204,10 @@ def course_run(tmp_path_factory):
               "--max-steps", str(PARAMETERS["max_steps"])])
         main_seconds = time.perf_counter() - start
         run_notebooks(tmp, PARAMETERS, kernel_name="python3", say=said.append)
+        run_notebooks(tmp, PARAMETERS, notebooks=[SOLUTIONS], kernel_name="python3", say=said.append)
     finally:
         mp.undo()
-    executed = {path.stem: _read(tmp / path.name) for path in NOTEBOOKS}
+    executed = {path.stem: _read(tmp / path.name) for path in [*NOTEBOOKS, SOLUTIONS]}
     after = {d: sorted(p.name for p in (ROOT / d).iterdir()) for d in before}
     print(f"main job {main_seconds:.0f} s; then", "; ".join(line.strip() for line in said if " ran in " in line))
     return tmp, executed, before, after
@@ -242,8 +262,8 @@ def test_the_tables_are_shown(course_run):
         assert f"<th>{column}</th>" in scores, f"04's table lacks its calibration column {column!r}"
     assert "CIDEr" in scores and "BLEU-4" in scores and "facts_right" in scores
     assert "ClipCap paper" not in scores, "the paper's columns belong beside the Karpathy COCO split only"
-    assert "share of captions that state it right" in scores
-    assert "of the way from the floor to the ceiling" in _outputs(executed["04_caption_and_evaluate"], "stdout")
+    assert "captioner states it right" in scores and "linear probe on the features" in scores
+    assert "of the way from shuffled references" in _outputs(executed["04_caption_and_evaluate"], "stdout")
     temperatures = _outputs(executed["05_decoding_explorer"], "text/html")
     assert "facts_right" in temperatures and "same_as_greedy" in temperatures
     assert "sample, temperature 0.7" in temperatures and "top-p 0.5" in temperatures
@@ -252,23 +272,67 @@ def test_the_tables_are_shown(course_run):
     assert "40 optimiser steps" in _outputs(executed["03_train_the_mapper"], "stdout")
 
 
-@pytest.mark.slow
-def test_the_lessons_show_at_the_defaults(course_run):
-    """What the prose of each notebook says, as its own run measured it: 02 reads the attributes CLIP carries,
-    05's facts right falls with temperature and top-p raises it at the high one, 03's frozen, partial and
-    full runs differ, and the look-inside cells equal the package (their asserts ran)."""
-    tmp, executed, _, _ = course_run
-    stdout = _outputs(executed["02_clip_features"], "stdout")
-    assert "nearest neighbour has the same     colour" in stdout and "best carried:" in stdout
+class _Tables(HTMLParser):
+    """The tables of a notebook's HTML outputs (pandas' to_html), as rows of cell texts."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr" and self.tables:
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.cell = ""
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self.cell is not None:
+            self.tables[-1][-1].append(self.cell.strip())
+            self.cell = None
+
+
+def _shown_table(notebook: dict, *columns: str):
+    """The DataFrame a notebook displayed whose columns include `columns`, read back from its HTML output."""
     import pandas as pd
 
-    run = tmp / "data" / "runs" / "embedded-transformer"
-    summary = pd.read_csv(run / "temperatures.csv")
+    parser = _Tables()
+    parser.feed(_outputs(notebook, "text/html"))
+    for rows in parser.tables:
+        header, body = rows[0], rows[1:]
+        if body and body[0][0] and not any(body[0][1:]):  # the index's name row
+            body = body[1:]
+        if set(columns) <= set(header):
+            frame = pd.DataFrame([r[1:] for r in body], index=[r[0] for r in body], columns=header[1:])
+            return frame.apply(lambda c: pd.to_numeric(c, errors="ignore"))
+    raise AssertionError(f"no table with the columns {columns} is shown")
+
+
+def _line(text: str, pattern: str) -> re.Match:
+    found = re.search(pattern, text)
+    assert found, f"no printed line matches {pattern!r}"
+    return found
+
+
+@pytest.mark.slow
+def test_the_lessons_show_at_the_defaults(course_run):
+    """What the prose of each notebook says, as its own run measured and showed it: 02 reads the attributes
+    CLIP carries, 05's facts right falls with temperature and top-p raises it at the high one, 03's frozen,
+    partial and full runs differ, and the look-inside cells equal the package (their asserts ran)."""
+    _, executed, _, _ = course_run
+    stdout = _outputs(executed["02_clip_features"], "stdout")
+    assert "nearest neighbour has the same     colour" in stdout and "best carried:" in stdout
+    summary = _shown_table(executed["05_decoding_explorer"], "method", "temperature", "top_p", "facts_right")
     sample = summary[summary["method"] == "sample"].set_index(["temperature", "top_p"])["facts_right"]
     print(sample.to_string())
     assert sample[(0.1, 1.0)] > sample[(1.5, 1.0)] > sample[(2.0, 1.0)], "facts right falls with temperature"
     assert sample[(1.5, 0.5)] > sample[(1.5, 1.0)], "top-p raises facts right at a high temperature"
-    compared = pd.read_csv(tmp / "data" / "runs" / "embedded-transformer-compare.csv").set_index("variant")
+    compared = _shown_table(executed["03_train_the_mapper"], "learns", "best_val_loss", "facts_right")
     print(compared.to_string())
     learns = compared["learns"]
     assert learns["transformer, frozen GPT-2"] < learns["transformer, partial"] < learns["transformer, full"]
@@ -276,7 +340,47 @@ def test_the_lessons_show_at_the_defaults(course_run):
     assert losses.nunique() == 3, "frozen, partial and full train differently"
     look = _outputs(executed["03_train_the_mapper"], "stdout")
     assert "largest difference from the package's" in look and "loss by hand" in look
-    assert "the likeliest first token" in _outputs(executed["05_decoding_explorer"], "stdout")
+    assert "the likeliest token there" in _outputs(executed["05_decoding_explorer"], "stdout")
+
+
+@pytest.mark.slow
+def test_every_claim_holds_against_the_numbers_printed_beside_it(course_run):
+    """The prose states directions and ceilings; the printed numbers beside them must bear them out."""
+    tmp, executed, _, _ = course_run
+    out03 = _outputs(executed["03_train_the_mapper"], "stdout")
+    compared = _shown_table(executed["03_train_the_mapper"], "learns", "best_val_loss")
+    ranked = _line(out03, r"lowest validation loss: (.+?) \(([\d.]+)\); highest: (.+?) \(([\d.]+)\)")
+    assert ranked[1] == compared["best_val_loss"].idxmin() and ranked[3] == compared["best_val_loss"].idxmax()
+    assert int(_line(out03, r"padding positions \(label -100, not counted\): (\d+)")[1]) > 0, "the table shows padding"
+    losses = _shown_table(executed["03_train_the_mapper"], "attention_mask", "label_here", "predicts_next")
+    assert (losses["label_here"] == -100).sum() > 0 and "(not counted)" in set(losses["predicts_next"])
+    written = _line(out03, r"figures written: (.+) \((\d+)\) in")
+    assert int(written[2]) == 6 == len(list((tmp / "figures").glob("03_*.png"))), "03 says it writes six figures"
+    assert "the stand-in GPT-2" in out03, "lm='gpt2' offline is said to be the stand-in"
+
+    table = _shown_table(executed["04_caption_and_evaluate"], "ours", "reference", "shuffled", "most frequent")
+    out04 = _outputs(executed["04_caption_and_evaluate"], "stdout")
+    above = [m for m in table.index if table.at[m, "ours"] > table.at[m, "reference"]]
+    shown = _line(out04, r"ours scores above the human reference on: (.*?)(?: \(|$)")[1]
+    assert shown == (", ".join(above) or "no metric")
+    for ceiling in ("facts_right", "CIDEr"):  # the prose calls these the fair ceiling
+        assert table.at[ceiling, "ours"] <= table.at[ceiling, "reference"], ceiling
+    facts = _shown_table(executed["04_caption_and_evaluate"], "captioner states it right", "linear probe on the features")
+    missed = [f for f in facts.index if facts.at[f, "linear probe on the features"]
+              - facts.at[f, "captioner states it right"] > 0.1]
+    assert _line(out04, r"the captioner did not learn to say it: (.*)")[1] == (", ".join(missed) or "none")
+    assert (facts["linear probe on the features"] >= facts["commonest value's share"] - 0.05).all(), "a probe beats guessing"
+
+    out05 = _outputs(executed["05_decoding_explorer"], "stdout")
+    held = [float(p) for p in re.findall(r"T=[\d.]+: the likeliest token holds ([\d.]+)", out05)]
+    assert len(held) == 3 and held[0] >= held[1] >= held[2], "the lower T, the more the likeliest token holds"
+    moved = _line(out05, r"prefix moves the next-token distribution by ([\d.]+); at the first token it moves it by ([\d.]+)")
+    assert float(moved[1]) >= float(moved[2]), "the step shown is the one the image decides most"
+    beam = _line(out05, r"loss per token ([\d.]+) against ([\d.]+)")
+    assert float(beam[1]) <= float(beam[2]), "beam finds captions at least as likely as greedy's"
+    assert "distinct share 1.00" not in out05.split("figures written")[0].split("greedy:")[-1]
+    timings = _line(_outputs(executed["exercise_solutions"], "stdout"), r"slowest: (\d+) s")
+    assert int(timings[1]) < 120, "each exercise's answer runs in under two minutes"
 
 
 @pytest.mark.slow
