@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 
-import utils
 from conftest import embedded_set
 from utils.captioner import Captioner
 from utils.sources import load_language_model
@@ -156,7 +155,7 @@ def test_figures_and_stand_ins_live_where_the_data_does(monkeypatch, tmp_path):
     monkeypatch.delenv("CLIPCAP_DATA", raising=False)
     monkeypatch.delenv(STANDINS_ENV, raising=False)
     colab = types.ModuleType("google.colab")
-    colab.drive = types.SimpleNamespace(mount=lambda where: None)
+    colab.drive = types.SimpleNamespace(mount=lambda _where: None)
     monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
     monkeypatch.setitem(sys.modules, "google.colab", colab)
     monkeypatch.setattr(utils.setup, "detect_platform", lambda: "colab")
@@ -167,7 +166,7 @@ def test_figures_and_stand_ins_live_where_the_data_does(monkeypatch, tmp_path):
     monkeypatch.setattr(utils.paths, "detect_platform", lambda: "kaggle")
     assert figures_dir() == Path("/kaggle/working/figures")
     monkeypatch.setattr(utils.paths, "detect_platform", lambda: "local")
-    assert figures_dir() == Path(utils.__file__).resolve().parent.parent / "figures"
+    assert figures_dir() == Path(utils.paths.__file__).resolve().parent.parent / "figures"
     monkeypatch.setenv("CLIPCAP_DATA", str(tmp_path / "elsewhere"))
     assert figures_dir() == (tmp_path / "elsewhere").resolve() / "figures"
 

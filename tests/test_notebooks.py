@@ -281,7 +281,7 @@ class _Tables(HTMLParser):
         super().__init__()
         self.tables, self.cell = [], None
 
-    def handle_starttag(self, tag, attrs):
+    def handle_starttag(self, tag, _attrs):
         if tag == "table":
             self.tables.append([])
         elif tag == "tr" and self.tables:

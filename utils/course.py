@@ -274,7 +274,7 @@ def run_notebooks(out_dir: str | Path, parameters: dict | None = None, notebooks
     out.mkdir(parents=True, exist_ok=True)
     asked: list[int] = []
 
-    def forward(signum, frame):  # Interrupt: the running notebook's kernel stops as Ctrl-C stops it in Jupyter
+    def forward(signum, _frame):  # Interrupt: the running notebook's kernel stops as Ctrl-C stops it in Jupyter
         asked.append(signum)
         if len(asked) >= 3:  # asked three times: stop the loop itself
             raise KeyboardInterrupt
