@@ -169,6 +169,26 @@ def test_a_freeze_chosen_in_the_notebooks_trains_in_a_folder_of_its_own(tmp_path
         assert re.search(r"^freeze = None ", _source(_code_cells(_read(path))[1]), re.M), f"{path.name}: freeze = None"
 
 
+def test_the_run_all_loop_says_which_notebook_stopped_and_what_to_do(tmp_path):
+    """Each way a notebook can stop the loop, as papermill reports it: one message naming the notebook and its
+    cell, the error, the notebooks that did not run, and the fix (a run made with other settings: the way out)."""
+    from papermill.exceptions import PapermillExecutionError
+
+    from utils.course import _stopped
+
+    def stop(ename, evalue):
+        return str(_stopped(NOTEBOOKS[2], tmp_path / NOTEBOOKS[2].name,
+                            PapermillExecutionError(12, 12, "", ename, evalue, []), ["04_x.ipynb", "05_x.ipynb"]))
+
+    refused = stop("TrainingError", "cannot resume runs/x/checkpoint.pt: it was made with other settings:\n  "
+                   "model.freeze: checkpoint has 'full', now 'partial'")
+    assert refused.startswith("03_train_the_mapper.ipynb FAILED at its cell In [12]: TrainingError: cannot resume")
+    assert "name a `freeze`" in refused and "04_x.ipynb, 05_x.ipynb did not run" in refused
+    interrupted = stop("KeyboardInterrupt", "")
+    assert "INTERRUPTED at its cell In [12]" in interrupted and "run the loop again" in interrupted
+    assert "name a `freeze`" not in stop("NameError", "name 'x' is not defined")
+
+
 def test_notebook_setup_shows_an_unusable_gpu_as_a_message(monkeypatch, capsys):
     import utils.setup
 

@@ -252,8 +252,11 @@ def _stopped(path: Path, executed: Path, exc, rest: list[str]) -> NotebookStoppe
         return NotebookStopped(
             f"{path.name} was INTERRUPTED at its {cell}.{after} To continue, run the loop again: what is finished is "
             f"reused and a feature cache continues from its last chunk. The executed copy is {executed}.")
-    return NotebookStopped(f"{path.name} FAILED at its {cell}: {exc.ename}: {exc.evalue}\n{after.strip()} The executed "
-                           f"copy {executed} shows the cell and its output.")
+    fix = ("\nThe run folder holds a run made with other settings: give the parameters the run's settings again, "
+           "or name a `freeze` (it trains in a folder of its own), or move that folder aside and run the loop again."
+           if exc.ename == "TrainingError" and "cannot resume" in str(exc.evalue) else "")
+    return NotebookStopped(f"{path.name} FAILED at its {cell}: {exc.ename}: {exc.evalue}{fix}\n{after.strip()} The "
+                           f"executed copy {executed} shows the cell and its output.")
 
 
 def run_notebooks(out_dir: str | Path, parameters: dict | None = None, notebooks: list[str | Path] | None = None,
