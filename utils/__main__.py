@@ -91,7 +91,8 @@ def cmd_train(args):
     """Train on a feature cache; offline, the stand-in preset is the base the flags change."""
     from accelerate import PartialState
 
-    from .course import default_configs, training_report
+    from .config import default_configs
+    from .course import training_report
     from .paths import default_cache_dir
     from .runtime import is_offline
     from .training import TrainingInterrupted, train
@@ -194,7 +195,8 @@ def cmd_evaluate(args, captioner=None) -> dict:
 
 def cmd_course(args):
     """The main job: every stage of the course in order, on the chosen dataset (course.run_course)."""
-    from .course import default_configs, run_course
+    from .config import default_configs
+    from .course import run_course
     from .runtime import is_offline
 
     runtime = _runtime(args)
