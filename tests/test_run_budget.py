@@ -1,6 +1,7 @@
 """A free GPU session's budget, on the stand-ins: a comparison run keeps only its history (keep="history"), a run
 that would not fit on its disk is refused before it starts, with the numbers, a resumed run's summary counts this
-session's steps, and the collapse watch compares captions by content."""
+session's steps, the collapse watch compares captions by content, and a stand-in's CLIPScore is marked where it
+means nothing."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 
 from conftest import quick_train_config
 from utils import training_run
+from utils.calibration import closing_table
 from utils.config import ModelConfig, RuntimeConfig, standin_preset
 from utils.course import training_report
 from utils.errors import TrainingError
+from utils.evaluation import STANDIN_CLIP_NOTE, clip_note
 from utils.monitors import distinct_captions
 from utils.training import train
 
@@ -68,3 +71,17 @@ def test_the_collapse_watch_compares_captions_by_content():
     assert distinct_captions(garbage) == 1
     assert distinct_captions(["a red circle on the left .", "a blue circle on the left .",
                               "A red circle on the left", "a small green square at the top ."]) == 3
+
+
+def test_a_standin_clipscore_is_marked_where_it_means_nothing():
+    """The stand-in CLIP's text tower knows the drawings' captions only: on other images its CLIPScore is marked in
+    the table that prints it, and in `evaluate --json`'s notes (evaluation.clip_note)."""
+    ours = {"BLEU-4": 0.2, "CIDEr": 0.5, "CLIPScore": 0.52, "RefCLIPScore": 0.6}
+    calibration = {name: dict(ours) for name in ("reference", "shuffled", "most frequent")}
+    photos, _ = closing_table(ours, calibration, "csv", standin=True)
+    assert "CLIPScore (stand-in CLIP: means nothing on these images)" in photos.index
+    assert "RefCLIPScore (stand-in CLIP: means nothing on these images)" in photos.index
+    drawings, _ = closing_table(ours, calibration, "embedded", standin=True)  # what it was made for
+    real, _ = closing_table(ours, calibration, "flickr30k", standin=False)
+    assert {"CLIPScore", "RefCLIPScore"} <= set(drawings.index) & set(real.index)
+    assert clip_note(True, "flickr30k") == STANDIN_CLIP_NOTE and clip_note(False, "flickr30k") is None

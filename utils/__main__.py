@@ -167,7 +167,7 @@ def cmd_caption(args, captioner=None) -> list[dict]:
 
 def cmd_evaluate(args, captioner=None) -> dict:
     """Score a captioner on a split of a feature cache (default: the cache it was trained on)."""
-    from .evaluation import evaluate_split
+    from .evaluation import CLIP_METRICS, clip_note, evaluate_split
     from .metrics import METRICS
     from .features import load_cache, training_cache
 
@@ -178,7 +178,10 @@ def cmd_evaluate(args, captioner=None) -> dict:
     scores, per_image = evaluate_split(captioner, cache, args.split, decode, args.clip_score, args.out,
                                        args.metrics or METRICS)
     if args.json:
-        print(json.dumps({"split": args.split, "images": len(per_image), "scores": scores}, indent=2))
+        note = clip_note(bool(cache.meta.get("standin")), cache.meta.get("dataset"))
+        notes = {metric: note for metric in CLIP_METRICS if metric in scores and note}
+        print(json.dumps({"split": args.split, "images": len(per_image), "scores": scores} |
+                         ({"notes": notes} if notes else {}), indent=2))
     else:
         from .calibration import closing_report
 
