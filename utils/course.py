@@ -77,8 +77,12 @@ def training_report(result) -> str:
     best validation loss, where the bundle is."""
     val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a (no validation split)"
     session = result.steps - result.first_step
-    done = (f"resumed at step {result.first_step}: trained {session} steps in this session, to step {result.steps}"
-            if result.resumed else f"trained {result.steps} steps")
+    if result.resumed and not session:
+        done = f"the run had finished: {result.steps} optimiser steps, nothing left to train"
+    elif result.resumed:
+        done = f"resumed at step {result.first_step}: trained {session} steps in this session, to step {result.steps}"
+    else:
+        done = f"trained {result.steps} steps"
     if session:
         done += f" ({result.seconds / 60:.1f} min)"
     bundle = f"captioner bundle: {result.bundle}\n" if result.bundle else ""
