@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import clip
 import numpy as np
@@ -18,6 +19,12 @@ from utils.clipscore import clip_score, ref_clip_score
 from utils.evaluation import PAPER_REFERENCE, references_by_image, results_table, write_results
 from utils.metrics import MetricSkipped, java_available, score_captions, simple_tokenize
 from utils.standins import clip_archive
+
+@pytest.fixture(autouse=True)
+def told_afresh(monkeypatch):
+    """Each test hears the metrics' notes as a new session would: metrics.py says each once per process."""
+    monkeypatch.setattr(metrics, "_TOLD", set())
+
 
 needs_java = pytest.mark.skipif(not java_available(), reason="Java is not installed (pycocoevalcap's PTB "
                                 "tokenizer and METEOR run on it)")
@@ -193,6 +200,9 @@ def test_spice_is_skipped_with_one_message_when_its_models_are_missing(monkeypat
         scores = score_captions(PREDICTIONS, REFERENCES, metrics=("BLEU", "SPICE"), tokenize=False)
     assert len(caught) == 1
     assert "SPICE" not in scores and "BLEU-4" in scores
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: a notebook scoring again hears nothing more
+        score_captions(PREDICTIONS, REFERENCES, metrics=("BLEU", "SPICE"), tokenize=False)
 
 
 @needs_java

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -140,6 +141,34 @@ def test_drive_is_mounted_on_colab_only_when_asked(monkeypatch, tmp_path):
     assert utils.setup.mount_drive(str(tmp_path / "d")) == str(tmp_path / "d")
     assert mounted == ["/content/drive"] and (tmp_path / "d").is_dir()
     assert os.environ["CLIPCAP_DATA"] == str(tmp_path / "d")
+
+
+def test_figures_and_stand_ins_live_where_the_data_does(monkeypatch, tmp_path):
+    """Colab with the data on Drive keeps the figures and the stand-ins there too; Kaggle writes the figures
+    into /kaggle/working beside the data; a checkout into its own figures/."""
+    import utils.paths
+    import utils.setup
+    from utils.plots import figures_dir
+    from utils.standin_names import STANDINS_ENV
+
+    monkeypatch.delenv("CLIPCAP_FIGURES", raising=False)
+    monkeypatch.delenv("CLIPCAP_DATA", raising=False)
+    monkeypatch.delenv(STANDINS_ENV, raising=False)
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=lambda _where: None)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setattr(utils.setup, "detect_platform", lambda: "colab")
+    drive = tmp_path / "MyDrive" / "clipcap-course"
+    utils.setup.mount_drive(str(drive / "data"))
+    assert figures_dir() == drive.resolve() / "figures" and os.environ[STANDINS_ENV] == str(drive / "standins")
+    monkeypatch.delenv("CLIPCAP_DATA")
+    monkeypatch.setattr(utils.paths, "detect_platform", lambda: "kaggle")
+    assert figures_dir() == Path("/kaggle/working/figures")
+    monkeypatch.setattr(utils.paths, "detect_platform", lambda: "local")
+    assert figures_dir() == Path(utils.paths.__file__).resolve().parent.parent / "figures"
+    monkeypatch.setenv("CLIPCAP_DATA", str(tmp_path / "elsewhere"))
+    assert figures_dir() == (tmp_path / "elsewhere").resolve() / "figures"
 
 
 def test_the_teaching_figures_are_drawn(tmp_path, prefitted):

@@ -91,7 +91,8 @@ def cmd_train(args):
     """Train on a feature cache; offline, the stand-in preset is the base the flags change."""
     from accelerate import PartialState
 
-    from .course import default_configs, training_report
+    from .config import default_configs
+    from .course import training_report
     from .paths import default_cache_dir
     from .runtime import is_offline
     from .training import TrainingInterrupted, train
@@ -166,7 +167,7 @@ def cmd_caption(args, captioner=None) -> list[dict]:
 
 def cmd_evaluate(args, captioner=None) -> dict:
     """Score a captioner on a split of a feature cache (default: the cache it was trained on)."""
-    from .evaluation import evaluate_split
+    from .evaluation import CLIP_METRICS, clip_note, evaluate_split
     from .metrics import METRICS
     from .features import load_cache, training_cache
 
@@ -177,7 +178,10 @@ def cmd_evaluate(args, captioner=None) -> dict:
     scores, per_image = evaluate_split(captioner, cache, args.split, decode, args.clip_score, args.out,
                                        args.metrics or METRICS)
     if args.json:
-        print(json.dumps({"split": args.split, "images": len(per_image), "scores": scores}, indent=2))
+        note = clip_note(bool(cache.meta.get("standin")), cache.meta.get("dataset"))
+        notes = {metric: note for metric in CLIP_METRICS if metric in scores and note}
+        print(json.dumps({"split": args.split, "images": len(per_image), "scores": scores} |
+                         ({"notes": notes} if notes else {}), indent=2))
     else:
         from .calibration import closing_report
 
@@ -194,7 +198,8 @@ def cmd_evaluate(args, captioner=None) -> dict:
 
 def cmd_course(args):
     """The main job: every stage of the course in order, on the chosen dataset (course.run_course)."""
-    from .course import default_configs, run_course
+    from .config import default_configs
+    from .course import run_course
     from .runtime import is_offline
 
     runtime = _runtime(args)

@@ -53,9 +53,10 @@ class TrainState:
         return dataclasses.asdict(self)
 
 
-def _kinds(hint: str) -> tuple[type, ...]:
-    return {"int": (int,), "float | None": (int, float, type(None)), "float": (int, float), "bool": (bool,),
-            "dict": (dict,)}[hint]
+# TrainState's field types (as annotations read them): the Python types they take, and how a message names them
+_KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"),
+          "float | None": ((int, float, type(None)), "a number or None"), "bool": ((bool,), "True or False"),
+          "dict": ((dict,), "a dict")}
 
 
 def read_state(saved, path: Path) -> TrainState:
@@ -66,14 +67,13 @@ def read_state(saved, path: Path) -> TrainState:
     fields = {f.name: f for f in dataclasses.fields(TrainState)}
     values = {}
     for name, f in fields.items():
-        if name not in saved:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise TrainingError(f"{path}: the training state has no '{name}': the file is damaged or not one of "
-                                    "this course's checkpoints. Start a new run.")
-            continue
+        if name not in saved:  # a version 3 checkpoint holds every field
+            raise TrainingError(f"{path}: the training state has no '{name}': the file is damaged or not one of "
+                                "this course's checkpoints. Start a new run.")
         value = saved[name]
-        if isinstance(value, bool) and f.type != "bool" or not isinstance(value, _kinds(f.type)):
-            raise TrainingError(f"{path}: state.{name} is {value!r}, not a {f.type}: the file is damaged. "
+        kinds, described = _KINDS[f.type]
+        if isinstance(value, bool) and f.type != "bool" or not isinstance(value, kinds):
+            raise TrainingError(f"{path}: state.{name} is {value!r:.40}, not {described}: the file is damaged. "
                                 "Start a new run.")
         values[name] = value
     state = TrainState(**values)

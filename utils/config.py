@@ -351,6 +351,17 @@ def standin_preset() -> tuple[ModelConfig, TrainConfig]:
             TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_steps=100, log_every=5))
 
 
+def default_configs(offline: bool) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training settings the course starts from: offline, the stand-in preset."""
+    return standin_preset() if offline else (ModelConfig(), TrainConfig())
+
+
+def run_freeze(model: ModelConfig, offline: bool) -> str | None:
+    """The freeze that names a run's folder (paths.run_dir): None at the course's own setting, so the main job,
+    the notebooks and `train` share one run; another freeze trains in a folder of its own."""
+    return None if model.freeze == default_configs(offline)[0].freeze else model.freeze
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
                   only: tuple[str, ...] | None = None, base=None) -> None:
     """Give `parser` one `--flag` per field of the dataclass `cls` (or of `only` those fields), with the

@@ -48,15 +48,27 @@ def references_by_image(captions: pd.DataFrame) -> dict[str, list[str]]:
     return {str(i): list(group) for i, group in captions.groupby("image_id", sort=False)["caption"]}
 
 
+CLIP_METRICS = ("CLIPScore", "RefCLIPScore")
+# What a CLIP score row says where the CLIP that computed it is the offline stand-in and the images are not the
+# course's drawings: the stand-in's text tower knows the drawings' captions only, so the number says nothing there.
+STANDIN_CLIP_NOTE = "stand-in CLIP: means nothing on these images"
+
+
+def clip_note(standin: bool, dataset: str | None) -> str | None:
+    """The note CLIPScore rows carry: the stand-in CLIP on images other than the course's own drawings."""
+    return STANDIN_CLIP_NOTE if standin and dataset != "embedded" else None
+
+
 def results_table(scores: dict, compare: dict[str, dict[str, float]] | None = None,
-                  name: str = "ours", calibration: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
+                  name: str = "ours", calibration: dict[str, dict[str, float]] | None = None,
+                  note: str | None = None) -> pd.DataFrame:
     """One row per metric, x100 and rounded to 1 decimal as papers print them.
 
     calibration: more columns of scores computed here (as `scores`, not yet x100), e.g. from
     `calibration_scores`: what a reference caption, shuffled references and the most frequent caption score
     on the same images, so that ours can be read between them. compare: extra columns of published numbers
     (already x100), e.g. PAPER_REFERENCE; a metric one column lacks shows as NaN there (a metric we skipped
-    stays visible beside the paper's number).
+    stays visible beside the paper's number). note: said beside the CLIPScore rows (`clip_note`).
     """
     def x100(column: dict) -> dict:
         return {metric: round(100 * float(v), 1) for metric, v in column.items()}
@@ -65,6 +77,8 @@ def results_table(scores: dict, compare: dict[str, dict[str, float]] | None = No
     rows = list(dict.fromkeys(metric for column in columns.values() for metric in column))  # ours first
     table = pd.DataFrame({label: pd.Series(column, dtype=float) for label, column in columns.items()},
                          index=pd.Index(rows, name="metric"))
+    if note:
+        table.index = pd.Index([f"{m} ({note})" if m in CLIP_METRICS else m for m in table.index], name="metric")
     return table
 
 

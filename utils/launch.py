@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, RuntimeConfig, TrainConfig
+from .config import ModelConfig, RuntimeConfig, TrainConfig, run_freeze
 from .files import read_json
 from .paths import bundle_dir, run_dir
+from .runtime import is_offline
 from .errors import TrainingError
 from .training import TrainResult, train
 
@@ -57,7 +58,8 @@ def train_everywhere(cache_path: str | Path, model_cfg: ModelConfig = ModelConfi
     from .features import load_cache
 
     dataset = load_cache(cache_path).meta["dataset"]
-    out = Path(cfg.out_dir or run_dir(data_dir, dataset, model_cfg.mapper))
+    out = Path(cfg.out_dir or run_dir(data_dir, dataset, model_cfg.mapper,
+                                      run_freeze(model_cfg, is_offline(runtime.offline))))
     print(f"training with {n} processes (one per {'GPU' if gpus >= n else 'CPU process'}); "
           f"each takes every other batch; the loss and its gradients are per token over all of them")
     notebook_launcher(_train_process, args=(str(cache_path), model_cfg, cfg, runtime, data_dir and str(data_dir)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -115,9 +116,25 @@ def _ptb_tokenize(captions: dict) -> dict:
     send = {(key, i): [{"caption": text}] for key, texts in captions.items()
             for i, text in enumerate(texts) if text}
     if send:
-        for (key, i), (tokens,) in PTBTokenizer().tokenize(send).items():
+        with _quiet_stderr():  # Java's "PTBTokenizer tokenized N tokens at ..." line, on every call
+            tokenized = PTBTokenizer().tokenize(send)
+        for (key, i), (tokens,) in tokenized.items():
             out[key][i] = tokens
     return out
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The process's stderr (file descriptor 2, which a Java child inherits, and which a notebook shows) sent to
+    /dev/null while the block runs."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # ------------------------------------------------------------------------------ COCO metrics
@@ -282,5 +299,10 @@ def _tell_java_missing(skipped: list[str], tokenized: bool) -> None:
         _tell(f"Java was not found, so {', and '.join(said)}. {JAVA_HELP}")
 
 
+_TOLD: set[str] = set()  # what _tell said already in this process: a notebook hears each once, not per call
+
+
 def _tell(message: str) -> None:
-    warnings.warn(message, MetricSkipped, stacklevel=2)
+    if message not in _TOLD:
+        _TOLD.add(message)
+        warnings.warn(message, MetricSkipped, stacklevel=2)

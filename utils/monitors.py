@@ -19,7 +19,7 @@ from .errors import TrainingError
 
 COLLAPSE_EVALS = 3  # evaluations in a row the captions must stay collapsed before the run warns
 MAX_SKIPPED_STEPS = 25  # fp16: this many non-finite losses in a row stop the run (the scaler halves each time)
-SAME_CAPTION = 0.75  # two captions sharing this share of their word pairs (Jaccard) count as one
+SAME_CAPTION = 0.6  # two captions sharing this share of their word pairs (Jaccard) count as one
 
 
 def diverged(what: str) -> str:

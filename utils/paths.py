@@ -3,7 +3,9 @@
     <data folder>/              CLIPCAP_DATA, else /kaggle/working/data on Kaggle, else data/ of the checkout
         models/                 downloaded CLIP weights and the built stand-ins
         features/<name>/        feature caches (the name: see default_cache_dir)
-        runs/<dataset>-<mapper>/  a training run: checkpoints, history, results
+        runs/<dataset>-<mapper>/  a training run at the course's own settings: checkpoints, history, results
+        runs/<dataset>-<mapper>-<freeze>/  one whose freeze was chosen (a notebook's `freeze`, the main job's
+                                  --freeze other than its default), so the two never resume each other
             captioner/          the run's captioner bundle
 
 Every module and notebook asks here (`course_paths()` for all of them at once) rather than joining the
@@ -61,9 +63,11 @@ def features_dir(data: str | Path | None = None) -> Path:
     return data_dir(data) / FEATURES
 
 
-def run_dir(data: str | Path | None, dataset: str, mapper: str) -> Path:
-    """The default folder of a training run: one per dataset and mapper."""
-    return data_dir(data) / RUNS / f"{dataset}-{mapper}"
+def run_dir(data: str | Path | None, dataset: str, mapper: str, freeze: str | None = None) -> Path:
+    """The default folder of a training run: one per dataset and mapper at the course's own settings, and one
+    more per `freeze` chosen apart from them (`<dataset>-<mapper>-<freeze>`): a run trained with other
+    settings never lands in, and fails to resume, the folder of another."""
+    return data_dir(data) / RUNS / (f"{dataset}-{mapper}" + (f"-{freeze}" if freeze else ""))
 
 
 def bundle_dir(run: str | Path) -> Path:
@@ -138,10 +142,11 @@ def default_cache_dir(data: DataPlace, backbone: str, offline: bool = False) -> 
 
 
 def course_paths(data: DataPlace, backbone: str = "ViT-B/32", mapper: str = "transformer",
-                 offline: bool = False) -> CoursePaths:
+                 offline: bool = False, freeze: str | None = None) -> CoursePaths:
     """Every folder a run of the course uses, from the settings the notebooks share: the DataConfig
-    (dataset, data folder, ...) and the backbone, mapper and offline setting."""
-    run = run_dir(data.data_dir, data.dataset, mapper)
+    (dataset, data folder, ...) and the backbone, mapper and offline setting; `freeze` None is the course's
+    own (the main job's), a named one gets its own run folder (see run_dir)."""
+    run = run_dir(data.data_dir, data.dataset, mapper, freeze)
     return CoursePaths(Path(data.data_dir), models_dir(data.data_dir), default_cache_dir(data, backbone, offline),
                        run, bundle_dir(run))
 

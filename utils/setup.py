@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from .paths import default_data_dir
 from .runtime import GPUUnsupported, check_gpu, detect_platform, is_offline
+from .standin_names import STANDINS_ENV
 
 
 def environment_report(device: str = "auto") -> dict:
@@ -74,7 +75,8 @@ COLAB_DRIVE_DATA = "/content/drive/MyDrive/clipcap-course/data"
 
 def mount_drive(data_dir: str = COLAB_DRIVE_DATA) -> str | None:
     """On Colab: mount Google Drive (Colab asks for permission once) and keep the course's data in `data_dir`
-    on it (CLIPCAP_DATA), so the next notebook, on its own machine, finds what this one wrote. Elsewhere it
+    on it (CLIPCAP_DATA), so the next notebook, on its own machine, finds what this one wrote; the stand-in
+    models (CLIPCAP_STANDINS, unless set) and the figures (plots.figures_dir) go beside it. Elsewhere it
     does nothing and returns None (Kaggle keeps /kaggle/working; a local machine keeps data/)."""
     if detect_platform() != "colab":
         return None
@@ -83,6 +85,8 @@ def mount_drive(data_dir: str = COLAB_DRIVE_DATA) -> str | None:
     drive.mount("/content/drive")
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     os.environ["CLIPCAP_DATA"] = data_dir
+    # the stand-in models beside it, so a fresh machine does not build them again (figures_dir: beside it too)
+    os.environ.setdefault(STANDINS_ENV, str(Path(data_dir).parent / "standins"))
     return data_dir
 
 

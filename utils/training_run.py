@@ -25,7 +25,7 @@ from .captioner import Captioner
 from .checkpoints import (TrainState, bundle_bytes, check_position, checkpoint_bytes, config_record, finite_weights,
                           load_checkpoint, load_trainable, read_checkpoint, refuse_other_settings, save_checkpoint,
                           save_history)
-from .config import ModelConfig, RuntimeConfig, TrainConfig
+from .config import ModelConfig, RuntimeConfig, TrainConfig, run_freeze
 from .errors import TrainingError
 from .features import FeatureCache, load_cache
 from .files import free_bytes, read_json, write_json
@@ -315,7 +315,8 @@ def prepare_run(cache_path: str | Path, model_cfg: ModelConfig, cfg: TrainConfig
     accelerator = _accelerator(cfg, runtime)
     device, world = accelerator.device, accelerator.num_processes
     cache = load_cache(cache_path)
-    out = Path(cfg.out_dir or run_dir(data_dir, cache.meta["dataset"], model_cfg.mapper))
+    out = Path(cfg.out_dir or run_dir(data_dir, cache.meta["dataset"], model_cfg.mapper,
+                                      run_freeze(model_cfg, is_offline(runtime.offline))))
     _run_folder(cfg, out)
     captioner = build_captioner(model_cfg, cache, runtime).to(device)
     features = torch.tensor(np.asarray(cache.features), dtype=torch.float32, device=device)  # (N, clip_dim)
