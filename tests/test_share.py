@@ -142,3 +142,18 @@ def test_a_mistyped_local_bundle_is_not_looked_up_on_the_hub(tmp_path, monkeypat
     assert parse_source("hub:runs/x") == ("hub", "runs/x")  # said explicitly
     with pytest.raises(Exception, match="not a captioner bundle"):
         Captioner.from_pretrained("runs/captionr")
+
+
+def test_the_model_card_says_how_to_install_and_checks_the_course_was_imported(bundle):
+    """A published bundle's card: the install line, then a snippet that stops at once when another `utils` (a
+    student's utils.py) came first, and that runs as Python."""
+    import ast
+
+    from utils.share import INSTALL, model_card
+
+    card = model_card(bundle)
+    assert INSTALL in card and "git+https://github.com/clipcap-course/clipcap-course@main" in INSTALL
+    snippet = card.split("```python\n")[1].split("```")[0]
+    ast.parse(snippet)
+    assert 'getattr(utils, "COURSE", None) == "clipcap-course"' in snippet
+    assert snippet.index("assert getattr(utils") < snippet.index("from utils.captioner import Captioner")

@@ -23,6 +23,9 @@ from .files import atomic_path
 
 # ---- one file -----------------------------------------------------------------------------------------
 
+# The line a model card gives to install the course (the notebooks' setup cell installs the same)
+INSTALL = 'pip install "setuptools<81" openai-clip==1.0.1 "git+https://github.com/clipcap-course/clipcap-course@main"'
+
 def export_file(bundle: str | Path, out: str | Path | None = None) -> Path:
     """Write the bundle folder as one `.clipcap` file (atomically); returns its path."""
     bundle = Path(bundle)
@@ -51,7 +54,10 @@ def model_card(bundle: Path) -> str:
     warning = ("\n**This bundle was trained offline on the course's stand-in models: it shows the mechanics, "
                "it does not caption real photos.**\n" if standin else "")
     return (f"---\ntags: [image-captioning, clipcap, clipcap-course]\n---\n# ClipCap captioner (clipcap-course)\n"
-            f"{warning}\nLoad it with\n```python\nfrom utils.captioner import Captioner\n"
+            f"{warning}\nInstall the course's package (it is named `utils`), then load it:\n```bash\n{INSTALL}\n```\n"
+            f"```python\nimport utils\n\nassert getattr(utils, \"COURSE\", None) == \"clipcap-course\", "
+            f"f\"another `utils` came first: {{utils.__file__}}; rename it\"\n"
+            f"from utils.captioner import Captioner\n\n"
             f"captioner = Captioner.from_pretrained(\"<this id>\")\ncaptioner.caption([\"photo.jpg\"])\n```\n\n"
             f"| setting | value |\n|---|---|\n{rows}\n")
 
