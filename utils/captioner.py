@@ -37,7 +37,8 @@ class Captioner(CaptionModel):
     def image_encoder(self, models_dir: str | Path | None = None):
         """(CLIP model, preprocess) of the backbone the captioner was trained on, loaded on first use.
 
-        A stand-in backbone ("standin:ViT") is built under `models_dir` (default: <data dir>/models).
+        A real backbone is downloaded into `models_dir`/clip (default: <data dir>/models); a stand-in one
+        ("standin:ViT") is the machine's stand-in CLIP (standins.standins_home), built once per machine.
         """
         if self._clip is None:
             name = self.config.backbone
