@@ -277,8 +277,10 @@ def checkpoint_bytes(captioner, resumable: bool = True) -> int:
 
 
 def bundle_bytes(captioner) -> int:
-    """What the captioner's bundle takes: every weight of the mapper and the LM."""
-    return sum(t.numel() * t.element_size() for t in captioner.state_dict().values())
+    """What the captioner's bundle takes: every weight of the mapper and the LM, a tied one (GPT-2's output layer
+    is its token embedding) once."""
+    unique = {t.data_ptr(): t for t in captioner.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def finite_weights(captioner) -> bool:

@@ -104,6 +104,16 @@ def read_json(path: str | os.PathLike):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """What the files under `folder` take (0 when it does not exist); links are not followed."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
 def free_bytes(folder: str | os.PathLike) -> int:
     """Free space on the disk `folder` is (or will be) on: the nearest folder of it that exists is asked."""
     folder = Path(os.path.abspath(folder))

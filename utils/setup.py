@@ -12,6 +12,7 @@ import platform
 from pathlib import Path
 
 from . import __version__
+from .files import folder_bytes, free_bytes
 from .paths import default_data_dir
 from .runtime import GPUUnsupported, check_gpu, detect_platform, is_offline
 from .standin_names import STANDINS_ENV
@@ -90,6 +91,13 @@ def mount_drive(data_dir: str = COLAB_DRIVE_DATA) -> str | None:
     return data_dir
 
 
+def disk_line(data: str | Path) -> str:
+    """What the course's data folder takes and what is left on its disk: on Kaggle /kaggle/working holds about
+    20 GB for everything a session writes (README, "Disk": what each notebook writes)."""
+    return (f"{folder_bytes(data) / 2**30:.2f} GB in {data}, {free_bytes(data) / 2**30:.1f} GB free on its disk"
+            + (" (Kaggle's /kaggle/working: about 20 GB in all)" if detect_platform() == "kaggle" else ""))
+
+
 def notebook_setup(device: str = "auto", drive: bool = False) -> dict:
     """The first cell of every notebook: where we run, the versions that matter, the device and the GPU check.
 
@@ -116,7 +124,7 @@ def notebook_setup(device: str = "auto", drive: bool = False) -> dict:
              ("clipcap-course", report["clipcap-course"]), ("device", f"{report['device']}, {memory}"),
              ("models", "OFFLINE: tiny stand-in CLIP and GPT-2 (mechanics only, not real captions)"
               if report["offline"] else "real CLIP and GPT-2 from their hubs"),
-             ("data", report["data_dir"])]
+             ("data", report["data_dir"]), ("disk", disk_line(report["data_dir"]))]
     for name, value in lines:
         print(f"{name:>14}: {value}")
     check = report["gpu_check"]
