@@ -85,3 +85,17 @@ def test_a_standin_clipscore_is_marked_where_it_means_nothing():
     real, _ = closing_table(ours, calibration, "flickr30k", standin=False)
     assert {"CLIPScore", "RefCLIPScore"} <= set(drawings.index) & set(real.index)
     assert clip_note(True, "flickr30k") == STANDIN_CLIP_NOTE and clip_note(False, "flickr30k") is None
+
+
+def test_every_notebooks_first_cell_says_what_the_data_takes_and_what_is_free(monkeypatch, tmp_path, capsys):
+    from utils.setup import notebook_setup
+
+    (tmp_path / "features").mkdir()
+    (tmp_path / "features" / "f.npy").write_bytes(b"0" * 3 * 2**20)
+    monkeypatch.setenv("CLIPCAP_DATA", str(tmp_path))
+    notebook_setup()
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("disk:"))
+    assert f"0.00 GB in {tmp_path}, " in line and "GB free on its disk" in line
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    notebook_setup()
+    assert "Kaggle's /kaggle/working: about 20 GB in all" in capsys.readouterr().out
