@@ -132,6 +132,35 @@ def run_cli(*args: str, data_dir: Path, timeout: float = 300, check: bool = True
     return proc
 
 
+def cli_in_process(*args: str, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m utils ...` as `run_cli` runs it, but in this process (no interpreter, torch or CLIP to start):
+    for commands that need no process of their own (no signal, no stdin, no fresh import state). Its stdout and
+    stderr are what the command printed through Python; the exit code is main()'s."""
+    import contextlib
+    import io
+
+    from utils.__main__ import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = {k: os.environ.get(k) for k in ("CLIPCAP_OFFLINE", "CLIPCAP_DATA")}
+    os.environ.update(CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+                if not isinstance(exc.code, int) and exc.code is not None:
+                    print(exc.code, file=sys.stderr)  # sys.exit("error: ...") prints its message, as Python does
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    proc = subprocess.CompletedProcess(["python", "-m", "utils", *args], code, out.getvalue(), err.getvalue())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python -m utils {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 @pytest.fixture(scope="session")
 def small_cache(data_dir) -> Path:
     """A feature cache of 240 embedded images, made by the real feature code with the stand-in CLIP."""
