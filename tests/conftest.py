@@ -186,3 +186,15 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"fault matrix: {len(outcomes)} faults tried, {counts['passed']} handled as documented, "
             f"{counts['skipped']} skipped, {counts['failed'] + counts['error']} failed: {verdict}")
+
+
+def post(client, upload: tuple[bytes, str] | None = None, **fields) -> tuple[int, dict]:
+    """POST /caption to the web demo's test client: form `fields` and an optional upload (bytes, file name);
+    returns (status, JSON reply)."""
+    import io
+
+    data = {k: str(v) for k, v in fields.items()}
+    if upload is not None:
+        data["image"] = (io.BytesIO(upload[0]), upload[1])
+    reply = client.post("/caption", data=data, content_type="multipart/form-data")
+    return reply.status_code, reply.get_json()

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import quick_train_config, run_cli
+from conftest import post, quick_train_config, run_cli
 from utils.__main__ import main
 from utils.captioner import Captioner
 from utils.config import ModelConfig, RuntimeConfig
@@ -103,14 +103,6 @@ def captioner(bundle, models_dir):
 @pytest.fixture(scope="module")
 def client(captioner, models_dir):
     return create_app(captioner, translators=Translators(offline=True, models_dir=models_dir)).test_client()
-
-
-def post(client, upload: tuple[bytes, str] | None = None, **fields) -> tuple[int, dict]:
-    data = {k: str(v) for k, v in fields.items()}
-    if upload is not None:
-        data["image"] = (io.BytesIO(upload[0]), upload[1])
-    reply = client.post("/caption", data=data, content_type="multipart/form-data")
-    return reply.status_code, reply.get_json()
 
 
 def still_serving(client) -> None:

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from conftest import ROOT, cli_env, run_cli, stop
+from conftest import ROOT, cli_env, post, run_cli, stop
 from utils.captioner import Captioner
 from utils.config import DecodeConfig, RuntimeConfig, standin_preset
 from utils.controls import KNOBS, table_json
@@ -75,14 +75,6 @@ def photo() -> Image.Image:
     image = Image.new("RGB", (300, 200), (40, 90, 230))
     image.paste((236, 236, 230), (0, 0, 150, 200))
     return image
-
-
-def post(client, upload: tuple[bytes, str] | None = None, **fields) -> tuple[int, dict]:
-    data = {k: str(v) for k, v in fields.items()}
-    if upload is not None:
-        data["image"] = (io.BytesIO(upload[0]), upload[1])
-    reply = client.post("/caption", data=data, content_type="multipart/form-data")
-    return reply.status_code, reply.get_json()
 
 
 def expected(captioner, image, decode: DecodeConfig) -> list[str]:
