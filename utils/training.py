@@ -150,11 +150,11 @@ def train(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: T
                 bar.update(1)
                 if run.eval_due():
                     run.validate()
+                if patience_ran_out(state, cfg.patience):
+                    break
                 if signum := run.stop_requested(stop["signal"], log_step):
                     bar.close()
                     _interrupted(run, signum)
-                if patience_ran_out(state, cfg.patience):
-                    break
                 if run.checkpoint_due():
                     run.save()
             if state.step_in_epoch >= run.steps_per_epoch:  # the end of an epoch: validate, then a checkpoint
