@@ -178,7 +178,7 @@ def pytest_terminal_summary(terminalreporter):
     outcomes = {}
     for status in ("failed", "error", "skipped", "passed"):  # a test's worst outcome counts
         for report in terminalreporter.stats.get(status, []):
-            if "fault" in report.keywords and (report.when == "call" or status != "passed"):
+            if "fault" in getattr(report, "keywords", ()) and (getattr(report, "when", "") == "call" or status != "passed"):
                 outcomes.setdefault(report.nodeid, status)
     if outcomes:
         counts = {s: sum(v == s for v in outcomes.values()) for s in ("passed", "failed", "error", "skipped")}
