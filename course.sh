@@ -2,6 +2,7 @@
 # One entry point for a fresh Linux machine with Python 3.10+:
 #   bash course.sh main [flags]   run the whole course pipeline (offline: embedded set + stand-in models)
 #   bash course.sh test [pytest args]   run the test suite
+#   bash course.sh lint   ruff check of the package and the tests (pyflakes, unused arguments, bugbear)
 #   bash course.sh lab [jupyter lab args]   open the notebooks in JupyterLab, with this .venv as their kernel
 # Both create (or reuse) .venv and install the pinned requirements into it first.
 set -euo pipefail
@@ -42,6 +43,7 @@ shift || true
 case "$cmd" in
   main) exec "$VENV/bin/python" -m utils course "$@" ;;
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  lint) exec "$VENV/bin/python" -m ruff check utils tests "$@" ;;
   lab)
     # The hook that refuses a notebook committed with its outputs (see .githooks/pre-commit); only in a git
     # checkout, and only where no other hooks folder is set.
@@ -51,5 +53,5 @@ case "$cmd" in
     # The kernel "python3" of every notebook is this .venv's own python: the server runs from it.
     root=(); [ "$(id -u)" = 0 ] && root=(--allow-root)  # a container's root user: Jupyter refuses it otherwise
     exec "$VENV/bin/python" -m jupyter lab --notebook-dir=notebooks "${root[@]}" "$@" ;;
-  *) echo "usage: bash course.sh main|test|lab [args]" >&2; exit 2 ;;
+  *) echo "usage: bash course.sh main|test|lint|lab [args]" >&2; exit 2 ;;
 esac

@@ -24,7 +24,8 @@ def models_dir(tmp_path_factory) -> Path:
     for the session through CLIPCAP_STANDINS, so tests never read or fill the user's cache (unless
     CLIPCAP_TEST_STANDINS names a folder to keep them in between sessions); subprocesses and
     notebook kernels inherit it. The stand-ins are built there once, by the first test that needs them."""
-    from utils.standins import STANDINS_ENV, standins_home
+    from utils.standin_names import STANDINS_ENV
+    from utils.standins import standins_home
 
     mp = pytest.MonkeyPatch()
     # CLIPCAP_TEST_STANDINS: a folder kept between sessions (a CI cache, a developer's machine) instead
@@ -83,9 +84,9 @@ def lm_without_dropout(dest: Path) -> Path:
     import json
     import shutil
 
-    from utils import standins
+    from utils.standin_text import gpt2_dir
 
-    lm = shutil.copytree(standins.gpt2_dir(), dest)
+    lm = shutil.copytree(gpt2_dir(), dest)
     config = json.loads((lm / "config.json").read_text())
     (lm / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}))
     return lm
@@ -131,6 +132,35 @@ def run_cli(*args: str, data_dir: Path, timeout: float = 300, check: bool = True
     return proc
 
 
+def cli_in_process(*args: str, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m utils ...` as `run_cli` runs it, but in this process (no interpreter, torch or CLIP to start):
+    for commands that need no process of their own (no signal, no stdin, no fresh import state). Its stdout and
+    stderr are what the command printed through Python; the exit code is main()'s."""
+    import contextlib
+    import io
+
+    from utils.__main__ import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = {k: os.environ.get(k) for k in ("CLIPCAP_OFFLINE", "CLIPCAP_DATA")}
+    os.environ.update(CLIPCAP_OFFLINE="1", CLIPCAP_DATA=str(data_dir))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+                if not isinstance(exc.code, int) and exc.code is not None:
+                    print(exc.code, file=sys.stderr)  # sys.exit("error: ...") prints its message, as Python does
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    proc = subprocess.CompletedProcess(["python", "-m", "utils", *args], code, out.getvalue(), err.getvalue())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python -m utils {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 @pytest.fixture(scope="session")
 def small_cache(data_dir) -> Path:
     """A feature cache of 240 embedded images, made by the real feature code with the stand-in CLIP."""
@@ -148,7 +178,7 @@ def pytest_terminal_summary(terminalreporter):
     outcomes = {}
     for status in ("failed", "error", "skipped", "passed"):  # a test's worst outcome counts
         for report in terminalreporter.stats.get(status, []):
-            if "fault" in report.keywords and (report.when == "call" or status != "passed"):
+            if "fault" in getattr(report, "keywords", ()) and (getattr(report, "when", "") == "call" or status != "passed"):
                 outcomes.setdefault(report.nodeid, status)
     if outcomes:
         counts = {s: sum(v == s for v in outcomes.values()) for s in ("passed", "failed", "error", "skipped")}
@@ -156,3 +186,15 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"fault matrix: {len(outcomes)} faults tried, {counts['passed']} handled as documented, "
             f"{counts['skipped']} skipped, {counts['failed'] + counts['error']} failed: {verdict}")
+
+
+def post(client, upload: tuple[bytes, str] | None = None, **fields) -> tuple[int, dict]:
+    """POST /caption to the web demo's test client: form `fields` and an optional upload (bytes, file name);
+    returns (status, JSON reply)."""
+    import io
+
+    data = {k: str(v) for k, v in fields.items()}
+    if upload is not None:
+        data["image"] = (io.BytesIO(upload[0]), upload[1])
+    reply = client.post("/caption", data=data, content_type="multipart/form-data")
+    return reply.status_code, reply.get_json()

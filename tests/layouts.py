@@ -104,3 +104,39 @@ def write_flickr30k(root: Path, images: int = 6) -> Path:
     path = root / "flickr30k_images" / "results.csv"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# Kaggle adityajn105/flickr8k: captions.txt (a CSV whatever its name: header `image,caption`, 5 rows per image,
+# "\n" line ends, captions holding a comma in double quotes, the tokenised " ." ending kept) and Images/<name>.jpg
+# beside it. The captions of its first image, as the file has them:
+FLICKR8K_FIRST = ("A child in a pink dress is climbing up a set of stairs in an entry way .",
+                  "A girl going into a wooden building .",
+                  "A little girl climbing into a wooden playhouse .",
+                  "A little girl climbing the stairs to her playhouse .",
+                  "A little girl in a pink dress going into a wooden cabin .")
+
+
+def flickr8k_name(k: int) -> str:
+    return "1000268201_693b08cb0e.jpg" if k == 0 else f"{1001773457 + 97 * k}_{(0x577c3a7d70 + k):010x}.jpg"
+
+
+def flickr8k_caption(k: int, j: int) -> str:
+    if k == 0:
+        return FLICKR8K_FIRST[j]
+    if j == 1:
+        return f"A dog , brown and white , runs on the grass near photo {k} ."  # commas: quoted in the file
+    return f"Photo {k} shows something for the {j} time ."
+
+
+def write_flickr8k(root: Path, images: int = 6) -> Path:
+    """The Flickr8k download as it unpacks into `root`: root/captions.txt and root/Images/<name>.jpg."""
+    (root / "Images").mkdir(parents=True, exist_ok=True)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")  # minimal quoting: only captions with a comma are quoted
+    writer.writerow(["image", "caption"])
+    for k in range(images):
+        Image.new("RGB", (24, 18), (40 * k % 256, 160, 90)).save(root / "Images" / flickr8k_name(k), quality=90)
+        for j in range(5):
+            writer.writerow([flickr8k_name(k), flickr8k_caption(k, j)])
+    (root / "captions.txt").write_bytes(out.getvalue().encode("utf-8"))
+    return root / "captions.txt"

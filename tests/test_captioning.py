@@ -19,11 +19,14 @@ from PIL import Image
 
 from conftest import ROOT, cli_env, run_cli
 from utils.__main__ import main
-from utils.captioner import Captioner, generate_kwargs, load_language_model
+from utils.captioner import Captioner
+from utils.model import generate_kwargs
+from utils.sources import load_language_model
 from utils.config import (DecodeConfig, DecodeConfigError, ModelConfig, RuntimeConfig, decode_config,
                           standin_preset)
 from utils.images import UnreadableImage
-from utils.evaluation import (EvaluationError, clip_score, evaluate_split, references_by_image, temperature_summary,
+from utils.clipscore import clip_score
+from utils.evaluation import (EvaluationError, evaluate_split, references_by_image, temperature_summary,
                               temperature_table)
 from utils.features import load_cache
 from utils.training import train
@@ -38,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def untrained(models_dir):
     """Random weights: its captions are gibberish, but each image gets its own, which is all decoding tests need.
     (The MLP mapper keeps random prefixes apart; an untrained transformer mapper maps all to one.)"""
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
     torch.manual_seed(0)
     return Captioner(ModelConfig(mapper="mlp", clip_dim=64, prefix_length=4, freeze="full", backbone="standin:ViT",
                                  max_caption_tokens=16), lm, tokenizer).eval()
@@ -251,7 +254,7 @@ def test_caption_command_prints_a_line_per_caption_and_refuses_with_reasons(trai
     expected = model.caption([good], method="sample", seed=4, num_return_sequences=2)[0]
     assert capsys.readouterr().out.splitlines() == [f"{good}\t{c}" for c in expected]
 
-    for args, message in [([str(tmp_path / "gone.png")], "none of the 1 image(s) could be captioned"),
+    for args, message in [([str(tmp_path / "gone.png")], f"{tmp_path / 'gone.png'} cannot be captioned: missing file."),
                           ([good, "--temperature", "0.5"], "temperature only applies to method 'sample'"),
                           ([good, "--method", "beam", "--num-return-sequences", "9"], "at most num_beams (5)")]:
         with pytest.raises(SystemExit, match=re.escape(message)):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
 from utils import paths, runtime
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig, add_arguments, from_arguments
 
@@ -30,7 +30,7 @@ def test_every_config_field_is_a_flag_and_defaults_stay_the_dataclass_defaults()
 
 @pytest.mark.parametrize("command", ["info", "download", "features", "course", "bench", "serve"])
 def test_each_command_explains_itself(command, data_dir):
-    out = run_cli(command, "--help", data_dir=data_dir).stdout
+    out = cli_in_process(command, "--help", data_dir=data_dir).stdout
     assert "--offline" in out and "--device" in out
     if command in ("features", "course"):
         assert "--batch-size" in out and "--backbone" in out and "--chunk-size" in out

@@ -15,9 +15,10 @@ from utils.__main__ import main
 from utils.captioner import Captioner
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig, standin_preset
 from utils.course import run_course
+from utils.features import training_cache
 from utils.model import CaptionerError
 from utils.paths import CoursePaths, course_paths
-from utils.standins import gpt2_dir
+from utils.standin_text import gpt2_dir
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,7 +70,8 @@ def test_the_second_run_reuses_the_cache_and_the_finished_run_and_says_so(first_
     assert second.scores == first.scores and second.captions == first.captions
     assert again[-1] == "done: features reused, training reused"
     # the notebooks ask paths.py for the same folders
-    assert course_paths("embedded", "ViT-B/32", "mlp", offline=True, data=data_dir, embedded_images=90) == \
+    assert course_paths(DataConfig(dataset="embedded", data_dir=str(data_dir), embedded_images=90), "ViT-B/32", "mlp",
+                        offline=True) == \
         CoursePaths(data_dir, data_dir / "models", first.cache, first.run, first.bundle)
 
 
@@ -99,7 +101,7 @@ def test_course_flags_say_which_stage_they_set(monkeypatch, capsys):
           "--max-steps", "5"])
     data, features, model, train, runtime, decode = seen["args"]
     assert (train.batch_size, features.batch_size) == (128, 16)  # README: `course --batch-size 128` trains at 128
-    assert features.num_workers == 0 and train.num_workers == standin_preset()[1].num_workers
+    assert features.num_workers == 0 and not hasattr(train, "num_workers")  # the feature stage's; training has none
     assert train.max_steps == 5 and seen["kwargs"] == {"fresh": False}
     with pytest.raises(SystemExit):
         main(["course", "--help"])
@@ -134,7 +136,7 @@ def test_a_bundle_finds_its_cache_after_the_data_folder_moved(first_run, tmp_pat
     assert bundles.find_training_cache(summary, bundle, tmp_path / "elsewhere") == \
         moved / "features" / "embedded-standin-ViT"
     monkeypatch.setenv("CLIPCAP_DATA", str(moved))
-    cache = Captioner.from_pretrained(bundle).training_cache()
+    cache = training_cache(Captioner.from_pretrained(bundle))
     assert all(path.startswith(str(moved)) for path in cache.images["image_path"])  # its images moved too
     main(["evaluate", "--model", str(bundle), "--metrics", "BLEU", "--json"])
     printed = json.loads(capsys.readouterr().out)

@@ -134,7 +134,7 @@ def test_embedded_is_not_downloaded(isolated):
     assert dl.download("embedded", isolated / "data") == (isolated / "data" / "embedded").resolve()
 
 
-@pytest.mark.parametrize("dataset", ["csv", "coco", "karpathy", "folder", "webdataset"])
+@pytest.mark.parametrize("dataset", ["csv", "coco", "karpathy", "folder", "webdataset", "hf"])
 def test_local_formats_have_nothing_to_download(isolated, dataset):
     with pytest.raises(dl.DownloadError, match="your own files given with --path"):
         dl.download(dataset, isolated / "data")

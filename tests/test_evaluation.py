@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import clip
 import numpy as np
@@ -13,11 +14,17 @@ import torch
 from PIL import Image
 
 from conftest import embedded_set
-from utils import evaluation
-from utils.evaluation import (PAPER_REFERENCE, MetricSkipped, clip_score, java_available, ref_clip_score,
-                              references_by_image, results_table, score_captions, simple_tokenize,
-                              write_results)
-from utils.standins import clip_archive
+from utils import metrics
+from utils.clipscore import clip_score, ref_clip_score
+from utils.evaluation import PAPER_REFERENCE, references_by_image, results_table, write_results
+from utils.metrics import MetricSkipped, java_available, score_captions, simple_tokenize
+from utils.standin_clip import clip_archive
+
+@pytest.fixture(autouse=True)
+def told_afresh(monkeypatch):
+    """Each test hears the metrics' notes as a new session would: metrics.py says each once per process."""
+    monkeypatch.setattr(metrics, "_TOLD", set())
+
 
 needs_java = pytest.mark.skipif(not java_available(), reason="Java is not installed (pycocoevalcap's PTB "
                                 "tokenizer and METEOR run on it)")
@@ -81,7 +88,7 @@ def test_meteor_equals_pycocoevalcap_called_directly():
     assert frame["METEOR"].tolist() == pytest.approx(direct[1], rel=1e-12)
     # the JVM is kept for the next call (it takes ~15 s to start) and gives the same numbers
     assert score_captions(PREDICTIONS, REFERENCES, metrics=("METEOR",)) == ours
-    evaluation.close_meteor()
+    metrics.close_meteor()
 
 
 @needs_java
@@ -89,8 +96,8 @@ def test_a_meteor_that_dies_is_skipped_not_hung(monkeypatch):
     """A JVM that dies mid-call leaves pycocoevalcap's Meteor holding its lock; we must still let go."""
     from pycocoevalcap.meteor.meteor import Meteor
 
-    evaluation.close_meteor()
-    scorer = evaluation._METEOR["scorer"] = Meteor()
+    metrics.close_meteor()
+    scorer = metrics._METEOR["scorer"] = Meteor()
 
     def dies(gts, res):
         scorer.meteor_p.kill()
@@ -101,7 +108,7 @@ def test_a_meteor_that_dies_is_skipped_not_hung(monkeypatch):
     with pytest.warns(MetricSkipped, match="METEOR could not run and was skipped"):
         scores = score_captions(PREDICTIONS, REFERENCES, metrics=("METEOR", "BLEU"), tokenize=False)
     assert "METEOR" not in scores and "BLEU-4" in scores
-    assert "scorer" not in evaluation._METEOR and not scorer.lock.locked()
+    assert "scorer" not in metrics._METEOR and not scorer.lock.locked()
     scorer.__del__()  # what garbage collection will do: returns at once, raises nothing
 
 
@@ -186,13 +193,16 @@ def test_without_java_meteor_is_skipped_with_one_message(monkeypatch, tmp_path):
 
 
 def test_spice_is_skipped_with_one_message_when_its_models_are_missing(monkeypatch):
-    monkeypatch.setattr(evaluation, "java_available", lambda: True)
-    monkeypatch.setattr(evaluation, "spice_ready", lambda: False)
+    monkeypatch.setattr(metrics, "java_available", lambda: True)
+    monkeypatch.setattr(metrics, "spice_ready", lambda: False)
     with pytest.warns(MetricSkipped, match="SPICE needs to download Stanford CoreNLP models at run time: "
                                            "skipped") as caught:
         scores = score_captions(PREDICTIONS, REFERENCES, metrics=("BLEU", "SPICE"), tokenize=False)
     assert len(caught) == 1
     assert "SPICE" not in scores and "BLEU-4" in scores
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: a notebook scoring again hears nothing more
+        score_captions(PREDICTIONS, REFERENCES, metrics=("BLEU", "SPICE"), tokenize=False)
 
 
 @needs_java

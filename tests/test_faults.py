@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from conftest import TouchWhenUnpickled, quick_train_config, run_cli
-from utils.captioner import Captioner, CaptionerError
+from utils.captioner import Captioner
+from utils.model import CaptionerError
 from utils.config import ModelConfig, RuntimeConfig
 from utils.images import UnreadableImage, decode_image
 from utils.features import load_cache

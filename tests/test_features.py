@@ -17,7 +17,8 @@ from PIL import Image
 from conftest import ROOT, cli_env, run_cli
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig
 from utils.readers import load_records
-from utils.features import FeatureCacheError, cache_features, default_cache_dir, load_cache
+from utils.features import FeatureCacheError, cache_features, load_cache
+from utils.paths import default_cache_dir
 from utils.standin_names import STANDIN_CLIP_DIM
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
@@ -50,7 +51,7 @@ def test_feature_rows_match_encoding_each_image_alone(data_dir, tmp_path):
     import clip
     import torch
 
-    from utils.standins import clip_archive
+    from utils.standin_clip import clip_archive
 
     data = _embedded(data_dir, max_images=10)
     cache = load_cache(_cache(data, tmp_path / "c", batch_size=4, chunk_size=6))

@@ -19,7 +19,8 @@ from conftest import TouchWhenUnpickled, run_cli
 from utils.captioner import Captioner
 from utils.clipcap_import import ClipCapImportError, import_clipcap
 from utils.config import RuntimeConfig
-from utils.standins import clip_archive, gpt2_dir
+from utils.standin_clip import clip_archive
+from utils.standin_text import gpt2_dir
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
 CLIP_DIM, HEADS = 112, 8  # the stand-in CLIP's width; ClipCap's transformer always has 8 heads
@@ -164,7 +165,7 @@ def _save(state: dict, path) -> str:
 def test_mlp_checkpoint_captions_equal_clipcap_and_survive_the_bundle(gpt, models_dir, tmp_path):
     state = mlp_file(gpt)
     weights = _save(state, tmp_path / "coco_weights.pt")
-    captioner = import_clipcap(weights, tmp_path / "bundle", OFFLINE, models_dir, backbone="standin:ViT")
+    captioner = import_clipcap(weights, tmp_path / "bundle", OFFLINE, backbone="standin:ViT")
     x = _embeds()
     expected = clipcap_captions(state, models_dir, [clipcap_mlp(state, e[None], 10) for e in x])
     assert len(set(expected)) > 1, "each image should get its own caption, or the test proves little"
@@ -184,7 +185,7 @@ def test_mlp_checkpoint_captions_equal_clipcap_and_survive_the_bundle(gpt, model
 def test_transformer_checkpoint_captions_equal_clipcap_normalised_prefix_included(gpt, models_dir, tmp_path):
     state = transformer_file(gpt)
     weights = _save(state, tmp_path / "transformer_weights.pt")
-    captioner = import_clipcap(weights, tmp_path / "bundle", OFFLINE, models_dir, backbone="standin:RN")
+    captioner = import_clipcap(weights, tmp_path / "bundle", OFFLINE, backbone="standin:RN")
     c = captioner.config
     assert (c.mapper, c.prefix_length, c.clip_length, c.num_layers, c.num_heads, c.mlp_ratio, c.normalize_prefix,
             c.freeze) == ("transformer", 4, 3, 3, HEADS, 2.0, True, "frozen")
@@ -205,11 +206,11 @@ def test_settings_that_contradict_the_file_are_refused(gpt, models_dir, tmp_path
                                         "standin:ViT or standin:RN"),
             ({}, "112-d CLIP embeddings, which no released ClipCap file does: pass --backbone standin:ViT")]:
         with pytest.raises(ClipCapImportError, match=message.replace("(", r"\(")):
-            import_clipcap(weights, tmp_path / "bundle", OFFLINE, models_dir, **settings)
+            import_clipcap(weights, tmp_path / "bundle", OFFLINE, **settings)
     del_block = {k: v for k, v in mlp_file(gpt).items() if not k.startswith("gpt.transformer.h.1.")}
     with pytest.raises(ClipCapImportError, match=r"GPT-2 in .* does not fit standin:gpt2: the file has no "
                                                  r"transformer\.h\.1\.ln_1\.weight.*Offline, the language model is"):
-        import_clipcap(_save(del_block, tmp_path / "short.pt"), tmp_path / "bundle", OFFLINE, models_dir,
+        import_clipcap(_save(del_block, tmp_path / "short.pt"), tmp_path / "bundle", OFFLINE,
                        backbone="standin:ViT")
     assert not (tmp_path / "bundle").exists(), "nothing is written for a refused file"
 
@@ -222,7 +223,7 @@ def test_cli_imports_then_captions_image_files(gpt, models_dir, data_dir, tmp_pa
     assert ("imported ClipCap's MLP mapper (prefix 10) for standin:ViT embeddings (112-d) and its fine-tuned GPT-2 "
             "(standin:gpt2)") in proc.stdout
     images = []
-    for i, colour in enumerate(["red", "navy", "yellow"]):
+    for colour in ["red", "navy", "yellow"]:
         images.append(str(tmp_path / f"{colour}.png"))
         Image.new("RGB", (64, 64), colour).save(images[-1])
     captioned = run_cli("caption", "--model", str(bundle), *images, data_dir=data_dir).stdout.splitlines()

@@ -97,7 +97,7 @@ def test_jupyterlab_opens_a_notebook_with_the_course_kernel(tmp_path):
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
                     server.kill()
-                    raise AssertionError(f"jupyter lab did not start:\n{server.stdout.read()}")
+                    raise AssertionError(f"jupyter lab did not start:\n{server.stdout.read()}") from None
                 time.sleep(1)
         python3 = specs["kernelspecs"]["python3"]["spec"]
         assert Path(python3["argv"][0]).resolve() == Path(sys.executable).resolve() or python3["argv"][0] == "python", \

@@ -4,18 +4,21 @@ get for a latin-1 CSV, two CSV sets in one data folder, and a wrong --images-dir
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import cli_in_process
 from layouts import (FOOD_EMPTY, FOOD_MULTILINE, FOOD_NON_ASCII_ROWS, FOOD_ROWS, food_caption, write_food_set,
                      write_img2dataset)
 from utils.config import DataConfig
 from utils.csvtext import MAX_RECORD_LINES
-from utils.features import default_cache_dir, load_cache
+from utils.features import load_cache
+from utils.paths import default_cache_dir
 from utils.images import MAX_IMAGE_PIXELS, UnreadableImage, decode_image, open_image
 from utils.readers import load_records
 from utils.shards import expand_braces
@@ -51,12 +54,11 @@ def test_food_set_as_kaggle_unpacks_it(food):
 def test_food_set_through_csv_and_its_index_column(food):
     cfg = DataConfig(dataset="csv", path=str(food / "Captions.csv"), image_column="Index", caption_column="Captions")
     _check_food_records(load_records(cfg), food)  # dataset/ found beside the file, 0 -> dataset/0.jpg
-    cfg.images_dir = str(food / "dataset")
-    _check_food_records(load_records(cfg), food)
+    _check_food_records(load_records(dataclasses.replace(cfg, images_dir=str(food / "dataset"))), food)
 
 
 def test_food_set_features_offline(food, data_dir):
-    proc = run_cli("features", "--dataset", "food", "--path", str(food), "--num-workers", "0", "--batch-size", "128",
+    proc = cli_in_process("features", "--dataset", "food", "--path", str(food), "--num-workers", "0", "--batch-size", "128",
                    "--device", "cpu", data_dir=data_dir)
     assert f"{FOOD_ROWS - 4} captions of {FOOD_ROWS - 4} images" in proc.stdout and "4 rows skipped" in proc.stdout
     out = default_cache_dir(DataConfig(dataset="food", path=str(food), data_dir=str(data_dir)), "standin:ViT")
@@ -85,7 +87,7 @@ def test_img2dataset_shards_by_brace_pattern_features_offline(tmp_path, data_dir
     assert expand_braces(str(tmp_path / "shards" / "{00000..00001}.tar")) == [
         str(tmp_path / "shards" / "00000.tar"), str(tmp_path / "shards" / "00001.tar")]
     assert expand_braces("s-{a,b}-{8..10}") == ["s-a-8", "s-a-9", "s-a-10", "s-b-8", "s-b-9", "s-b-10"]
-    proc = run_cli("features", "--dataset", "webdataset", "--path", str(tmp_path / "shards" / "{00000..00002}.tar"),
+    proc = cli_in_process("features", "--dataset", "webdataset", "--path", str(tmp_path / "shards" / "{00000..00002}.tar"),
                    "--num-workers", "0", "--device", "cpu", data_dir=data_dir)
     assert "9 captions of 9 images" in proc.stdout and "2 rows skipped" in proc.stdout
     assert "note: 1 of 3 shards named by {00000..00002}.tar are not there (first: 00002.tar); skipped" in proc.stdout
@@ -100,12 +102,12 @@ def test_latin1_csv_says_which_encoding_reads_it(tmp_path, data_dir):
     Image.new("RGB", (20, 20), "red").save(tmp_path / "a.jpg")
     rows = ["image,caption"] + [f"a.jpg,café number {i} with crème brûlée" for i in range(49)]
     (tmp_path / "caps.csv").write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
-    proc = run_cli("features", "--dataset", "csv", "--path", str(tmp_path / "caps.csv"), "--num-workers", "0",
+    proc = cli_in_process("features", "--dataset", "csv", "--path", str(tmp_path / "caps.csv"), "--num-workers", "0",
                    "--device", "cpu", data_dir=data_dir)
     assert ("note: caps.csv is not UTF-8: 49 line(s) hold bytes it cannot read (first on line 2), replaced by "
             "'\ufffd'. The whole file reads as cp1252 (line 2 would be 'a.jpg,café number 0 with crème brûlée'): "
             "if that is right, rerun with --encoding cp1252") in proc.stdout
-    proc = run_cli("features", "--dataset", "csv", "--path", str(tmp_path / "caps.csv"), "--encoding", "cp1252",
+    proc = cli_in_process("features", "--dataset", "csv", "--path", str(tmp_path / "caps.csv"), "--encoding", "cp1252",
                    "--num-workers", "0", "--device", "cpu", data_dir=data_dir)
     assert "0 rows skipped, 0 repaired" in proc.stdout and "note:" not in proc.stdout
     out = proc.stdout.split("feature cache ready at ")[1].split(":")[0]
@@ -134,7 +136,7 @@ def test_two_csv_sets_in_one_data_folder_get_their_own_caches(tmp_path, data_dir
     cats, dogs = _two_csv_sets(tmp_path)
     outs = []
     for path in (cats, dogs):
-        proc = run_cli("features", "--dataset", "csv", "--path", str(path), "--num-workers", "0", "--device", "cpu",
+        proc = cli_in_process("features", "--dataset", "csv", "--path", str(path), "--num-workers", "0", "--device", "cpu",
                        data_dir=data_dir)
         outs.append(Path(proc.stdout.split("feature cache ready at ")[1].split(":")[0]))
     assert outs[0] != outs[1] and outs[0].parent == outs[1].parent == data_dir / "features"
@@ -142,7 +144,7 @@ def test_two_csv_sets_in_one_data_folder_get_their_own_caches(tmp_path, data_dir
     assert [load_cache(o).captions["caption"][0] for o in outs] == ["cats 0", "dogs 0"]
 
     # one cache folder given for both: refused in words, and the valid cache is never offered for deletion
-    proc = run_cli("features", "--dataset", "csv", "--path", str(dogs), "--cache-dir", str(outs[0]),
+    proc = cli_in_process("features", "--dataset", "csv", "--path", str(dogs), "--cache-dir", str(outs[0]),
                    "--num-workers", "0", "--device", "cpu", data_dir=data_dir, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"captions file: the cache was made from {cats}, you asked for {dogs}" in proc.stderr
@@ -154,10 +156,10 @@ def test_two_csv_sets_in_one_data_folder_get_their_own_caches(tmp_path, data_dir
 
 def test_wrong_images_dir_says_every_image_is_missing(tmp_path, data_dir):
     cats, _ = _two_csv_sets(tmp_path)
-    run_cli("features", "--dataset", "csv", "--path", str(cats), "--num-workers", "0", "--device", "cpu",
+    cli_in_process("features", "--dataset", "csv", "--path", str(cats), "--num-workers", "0", "--device", "cpu",
             data_dir=data_dir)
     (tmp_path / "empty").mkdir()
-    proc = run_cli("features", "--dataset", "csv", "--path", str(cats), "--images-dir", str(tmp_path / "empty"),
+    proc = cli_in_process("features", "--dataset", "csv", "--path", str(cats), "--images-dir", str(tmp_path / "empty"),
                    "--num-workers", "0", "--device", "cpu", data_dir=data_dir, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert (f"error: none of the 3 images could be read: every one is missing on disk ({tmp_path / 'empty' / '0.jpg'}"
@@ -203,7 +205,7 @@ def test_flickr30k_copy_on_disk_is_read_without_a_download(tmp_path, data_dir):
 
     results = write_flickr30k(tmp_path / "my copy")
     for path in (results, tmp_path / "my copy"):  # the captions file, or the folder of the copy
-        proc = run_cli("features", "--dataset", "flickr30k", "--path", str(path), "--num-workers", "0",
+        proc = cli_in_process("features", "--dataset", "flickr30k", "--path", str(path), "--num-workers", "0",
                        "--device", "cpu", data_dir=data_dir)
         assert "30 captions of 6 images" in proc.stdout and "download" not in proc.stdout + proc.stderr
 

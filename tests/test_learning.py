@@ -18,7 +18,8 @@ from utils.captioner import Captioner
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig, standin_preset
 from utils.embedded import embedded_attributes
 from utils.readers import load_records
-from utils.evaluation import references_by_image, score_captions
+from utils.evaluation import references_by_image
+from utils.metrics import score_captions
 from utils.features import cache_features, load_cache
 from utils.training import train
 

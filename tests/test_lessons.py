@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from conftest import embedded_set
-from utils.captioner import Captioner, load_language_model
+from utils.captioner import Captioner
+from utils.sources import load_language_model
 from utils.config import ModelConfig
 from utils.calibration import CALIBRATION_ROWS, calibration_captions, calibration_scores, closing_table
 from utils.evaluation import PAPER_REFERENCE, embedded_truth, facts_right, temperature_summary, temperature_table
@@ -32,7 +34,7 @@ def test_facts_right_counts_the_five_facts_whatever_the_wording():
 @pytest.fixture(scope="module")
 def prefitted(models_dir):
     """An untrained mapper on the pre-fitted stand-in GPT-2."""
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
     torch.manual_seed(0)
     return Captioner(ModelConfig(mapper="mlp", clip_dim=64, prefix_length=4, freeze="full", backbone="standin:ViT",
                                  max_caption_tokens=24), lm, tokenizer).eval()
@@ -45,7 +47,7 @@ def prompted(models_dir, tmp_path_factory):
     restates what the prompt says, so each image's true facts are known without training anything."""
     captions = embedded_set(tmp_path_factory.mktemp("prompted") / "embedded", n_images=16, seed=5)
     names = sorted(captions)
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
     eos = tokenizer.eos_token_id
     rows = [[eos, *tokenizer(captions[n][0])["input_ids"], eos] for n in names]
     length = max(map(len, rows))
@@ -129,7 +131,7 @@ def test_the_closing_table_has_the_calibration_rows_and_the_paper_only_for_karpa
 
 def test_drive_is_mounted_on_colab_only_when_asked(monkeypatch, tmp_path):
     """Colab's own `google.colab.drive` cannot run here: a stand-in module records the call."""
-    import utils.runtime
+    import utils.setup
 
     mounted = []
     colab = types.ModuleType("google.colab")
@@ -137,11 +139,39 @@ def test_drive_is_mounted_on_colab_only_when_asked(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
     monkeypatch.setitem(sys.modules, "google.colab", colab)
     monkeypatch.delenv("CLIPCAP_DATA", raising=False)
-    assert utils.runtime.mount_drive(str(tmp_path / "d")) is None and not mounted  # not on Colab: nothing
-    monkeypatch.setattr(utils.runtime, "detect_platform", lambda: "colab")
-    assert utils.runtime.mount_drive(str(tmp_path / "d")) == str(tmp_path / "d")
+    assert utils.setup.mount_drive(str(tmp_path / "d")) is None and not mounted  # not on Colab: nothing
+    monkeypatch.setattr(utils.setup, "detect_platform", lambda: "colab")
+    assert utils.setup.mount_drive(str(tmp_path / "d")) == str(tmp_path / "d")
     assert mounted == ["/content/drive"] and (tmp_path / "d").is_dir()
     assert os.environ["CLIPCAP_DATA"] == str(tmp_path / "d")
+
+
+def test_figures_and_stand_ins_live_where_the_data_does(monkeypatch, tmp_path):
+    """Colab with the data on Drive keeps the figures and the stand-ins there too; Kaggle writes the figures
+    into /kaggle/working beside the data; a checkout into its own figures/."""
+    import utils.paths
+    import utils.setup
+    from utils.plots import figures_dir
+    from utils.standin_names import STANDINS_ENV
+
+    monkeypatch.delenv("CLIPCAP_FIGURES", raising=False)
+    monkeypatch.delenv("CLIPCAP_DATA", raising=False)
+    monkeypatch.delenv(STANDINS_ENV, raising=False)
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=lambda _where: None)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setattr(utils.setup, "detect_platform", lambda: "colab")
+    drive = tmp_path / "MyDrive" / "clipcap-course"
+    utils.setup.mount_drive(str(drive / "data"))
+    assert figures_dir() == drive.resolve() / "figures" and os.environ[STANDINS_ENV] == str(drive / "standins")
+    monkeypatch.delenv("CLIPCAP_DATA")
+    monkeypatch.setattr(utils.paths, "detect_platform", lambda: "kaggle")
+    assert figures_dir() == Path("/kaggle/working/figures")
+    monkeypatch.setattr(utils.paths, "detect_platform", lambda: "local")
+    assert figures_dir() == Path(utils.paths.__file__).resolve().parent.parent / "figures"
+    monkeypatch.setenv("CLIPCAP_DATA", str(tmp_path / "elsewhere"))
+    assert figures_dir() == (tmp_path / "elsewhere").resolve() / "figures"
 
 
 def test_the_teaching_figures_are_drawn(tmp_path, prefitted):
@@ -168,7 +198,8 @@ def test_closing_report_reads_a_feature_cache_as_the_main_job_has_it(small_cache
     """What the main job calls after evaluate_split: calibration rows on the cache's own test images, facts
     right on the embedded set, no paper columns there, and a what-next line."""
     from utils.calibration import closing_report
-    from utils.evaluation import references_by_image, score_captions
+    from utils.evaluation import references_by_image
+    from utils.metrics import score_captions
     from utils.features import load_cache
 
     cache = load_cache(small_cache)

@@ -12,7 +12,8 @@ import torch
 
 from utils.config import ConfigError, RuntimeConfig, TrainConfig, standin_preset
 from utils.schedule import batch_recipe, effective_batch, get_lr, warmup_for
-from utils.training import batch_recipe_message, train
+from utils.training import train
+from utils.training_run import batch_recipe_message
 
 
 def test_the_recipe_keeps_the_warmup_in_captions_and_scales_the_lr_by_the_square_root():
@@ -63,50 +64,22 @@ def test_the_schedule_at_batch_128_warms_up_over_the_captions_of_batch_40():
                     "them as given)")
 
 
-def test_on_the_standins_the_recipe_does_not_make_batch_128_train_like_batch_40(small_cache, data_dir, tmp_path,
-                                                                              one_thread, capsys):
-    """The check behind `lr_batch_size`'s default of 0: the same 12 epochs of small_cache's 621 training captions
-    (2-layer mapper, lr 3e-3, 20 warm-up steps at batch 40: 192 steps; lr 1.5e-3 to 6e-3 with warm-ups of 6 to 60
-    steps end at 0.32 to 0.36 there) at batch 40, and at batch 128 with and without the recipe.
-
-    Measured on one CPU thread, final validation loss, seeds 0 / 1 / 2: batch 40 0.332 / 0.329 / 0.315; batch 128
-    with the recipe (lr 5.37e-3, 6 warm-up steps) 0.472 / 0.436 / 0.439; batch 128 as given (3e-3, 20 steps,
-    the third of its 60) 0.379 / 0.379 / 0.369; the linear rule (9.6e-3, 6 steps) 0.466 / 0.482 / 0.467. Batch
-    128 stays behind batch 40 at every lr and warm-up tried (best 0.379), and the recipe's shorter warm-up
-    (in steps) and higher LR make it worse: the stand-ins' gradient noise scale, tr(Sigma) / |G|^2, is about
-    100 captions after the first epoch (under 1 at the start), so at batch 128 no LR rule recovers the steps
-    lost. Only seed 0 runs here; its gaps (0.14, 0.09 and 0.05) are wider than any seed's spread (0.01 to 0.04)."""
-    model = dataclasses.replace(standin_preset()[0], num_layers=2)
+def test_a_run_under_the_recipe_says_so_records_the_settings_given_and_resumes_exactly(small_cache, data_dir,
+                                                                                     tmp_path, one_thread, capsys):
+    """The recipe's mechanics on a real run: its one line, checkpoints keeping --lr and --warmup-steps as given, and
+    the LR after a resume continuing the recipe's schedule. Whether the recipe helps is a measurement, not a
+    contract: bench/recipe.py (on the stand-ins it made batch 128 worse: README, "Training")."""
+    model = dataclasses.replace(standin_preset()[0], num_layers=1)
+    cfg = TrainConfig(epochs=2, batch_size=128, lr=3e-3, warmup_steps=20, lr_batch_size=40, watch_images=0,
+                      checkpoint_minutes=0, log_every=1, out_dir=str(tmp_path / "run"))
     runtime = RuntimeConfig(offline=True, device="cpu")
-
-    def run(name: str, batch: int, lr_batch: int, **changes) -> float:
-        cfg = TrainConfig(epochs=12, batch_size=batch, lr=3e-3, warmup_steps=20, lr_batch_size=lr_batch,
-                          watch_images=0, checkpoint_minutes=0, log_every=1, out_dir=str(tmp_path / name))
-        result = train(small_cache, model, dataclasses.replace(cfg, **changes), runtime, data_dir)
-        return result.history["val"][-1]["val_loss"]
-
-    batch_40 = run("40", 40, 40)
-    assert "the same warm-up in captions" not in capsys.readouterr().out, "at its own batch the recipe is silent"
-    run("128-recipe", 128, 40, max_steps=30)  # stopped half way and resumed with the same flags
-    said = capsys.readouterr().out
+    train(small_cache, model, dataclasses.replace(cfg, max_steps=5), runtime, data_dir)  # stopped, then resumed
     assert ("batch 128 (--batch-size 128 x --grad-accum 1 x 1 process): --lr 0.003 -> 0.00537 and --warmup-steps "
-            "20 -> 6, the same warm-up in captions as batch 40") in said
-    recipe = run("128-recipe", 128, 40, resume=True)
-    checkpoint = torch.load(tmp_path / "128-recipe" / "checkpoint.pt", weights_only=True)
+            "20 -> 6, the same warm-up in captions as batch 40") in capsys.readouterr().out
+    assert train(small_cache, model, dataclasses.replace(cfg, resume=True), runtime, data_dir).steps == 10
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert checkpoint["config"]["train"]["lr"] == 3e-3 and checkpoint["config"]["train"]["warmup_steps"] == 20
     lrs = [row["lr"] for row in checkpoint["state"]["history"]["train"]]
-    assert len(lrs) == 60 and max(lrs) == pytest.approx(3e-3 * math.sqrt(3.2)) and lrs.index(max(lrs)) == 5
-    as_given = run("128", 128, 0)
-
-    report = f"val loss: batch 40 {batch_40:.3f}, 128 with the recipe {recipe:.3f}, 128 as given {as_given:.3f}"
-    assert recipe > batch_40 + 0.05, report  # not within noise of batch 40
-    assert recipe > as_given + 0.03, report  # and worse than leaving --lr and --warmup-steps as they are
-    assert as_given > batch_40 + 0.02, report  # batch 128 cannot keep up in the same epochs without it either
-
-    # a checkpoint written before lr_batch_size existed (it used the settings as given) resumes
-    checkpoint = torch.load(tmp_path / "128" / "checkpoint.pt", weights_only=True)
-    del checkpoint["config"]["train"]["lr_batch_size"]
-    torch.save(checkpoint, tmp_path / "128" / "checkpoint.pt")
-    assert train(small_cache, model, TrainConfig(epochs=12, batch_size=128, lr=3e-3, warmup_steps=20, watch_images=0,
-                                                 out_dir=str(tmp_path / "128"), resume=True),
-                 runtime, data_dir).steps == 60
+    moved = batch_recipe(cfg)
+    assert lrs == pytest.approx([get_lr(step, moved, 10) for step in range(10)])
+    assert max(lrs) == pytest.approx(3e-3 * math.sqrt(3.2)) and lrs.index(max(lrs)) == 2  # 6 warm-up steps, cut to a third of 10

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from conftest import ROOT, cli_env, run_cli, stop
+from conftest import ROOT, cli_env, post, run_cli, stop
 from utils.captioner import Captioner
 from utils.config import DecodeConfig, RuntimeConfig, standin_preset
 from utils.controls import KNOBS, table_json
@@ -28,7 +28,7 @@ from utils.plots import figures_dir
 from utils.records import DatasetError
 from utils.serve import MAX_BYTES, bundle_title, create_app, folder_examples, validation_examples
 from utils.training import train
-from utils.translate import LANGUAGES, STANDIN_LABEL, Translators
+from utils.translate import LANGUAGES, STANDIN_LABEL, TranslationError, Translators
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -77,14 +77,6 @@ def photo() -> Image.Image:
     return image
 
 
-def post(client, upload: tuple[bytes, str] | None = None, **fields) -> tuple[int, dict]:
-    data = {k: str(v) for k, v in fields.items()}
-    if upload is not None:
-        data["image"] = (io.BytesIO(upload[0]), upload[1])
-    reply = client.post("/caption", data=data, content_type="multipart/form-data")
-    return reply.status_code, reply.get_json()
-
-
 def expected(captioner, image, decode: DecodeConfig) -> list[str]:
     captions = captioner.caption([image], decode)[0]
     return [captions] if isinstance(captions, str) else captions
@@ -109,7 +101,7 @@ def test_the_pages_knobs_and_its_javascript_come_from_the_table_of_controls(clie
         assert f'id="{field}" name="{field}" min="{c.low}"' in page and f'max="{c.high}"' in page
     sent = json.loads(re.search(r"const page = (\{.*\});", page).group(1))
     assert sent["controls"] == table_json(), "the page's JavaScript greys knobs out by the table, sent as JSON"
-    script = re.sub(r"const page = .*;", "", page.split("<script>")[1])
+    script = re.sub(r"const page = .*;", "", re.split(r"<script[^>]*>", page)[1])
     assert not re.search(r"""["'](greedy|beam|sample|top_p|num_beams)["']""", script), "no copy of the table in JS"
     for code, language in LANGUAGES.items():
         assert f'<option value="{code}">{language}</option>' in page
@@ -122,9 +114,24 @@ def test_captions_translated_by_the_standin_say_so(client, captioner, translator
     assert reply["translations"] == translators["de"](reply["captions"])
     assert all(t.startswith(STANDIN_LABEL) for t in reply["translations"])
     assert "not a translation" in reply["translated_by"]
-    status, reply = post(client, token=reply["token"], translate="german!")  # no model: the captions still come
+    token = reply["token"]
+    status, reply = post(client, token=token, translate=" DE")  # a code as the page sends it, in any case
+    assert status == 200 and reply["translations"] == translators["de"](reply["captions"])
+    assert set(translators._loaded) <= set(LANGUAGES), "one model per language offered, whatever its case"
+    status, reply = post(client, token=token, translate="german!")  # the page offers no such choice
+    assert status == 400 and "does not translate to 'german!': choose one of de (German), fr (French)" \
+        in reply["error"]
+
+
+def test_a_language_whose_model_cannot_load_still_gets_its_captions(captioner):
+    class NoModels(Translators):  # as where sentencepiece is missing or the hub cannot be reached
+        def __getitem__(self, lang):
+            raise TranslationError(f"no translation model for {LANGUAGES[lang]}")
+
+    client = create_app(captioner, translators=NoModels()).test_client()
+    status, reply = post(client, (png(photo()), "mine.png"), translate="fr")
     assert status == 200 and reply["captions"] and "translations" not in reply
-    assert "give a language code such as de or fr" in reply["translate_error"]
+    assert reply["translate_error"] == "no translation model for French"
 
 
 def test_an_upload_gets_the_captioners_own_captions_for_each_setting(client, captioner):

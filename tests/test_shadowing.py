@@ -20,7 +20,7 @@ def _setup_check() -> str:
         cells[path.name] = "".join(first["source"])
     assert len(set(cells.values())) == 1, "the setup cell is the same in every notebook"
     code = next(iter(cells.values()))
-    code = code[: code.index("import utils.runtime") + len("import utils.runtime")]
+    code = code[: code.index("import utils.setup") + len("import utils.setup")]
     return "\n".join(line for line in code.splitlines() if "%pip" not in line).replace("except PackageNotFoundError:",
                                                                                        "except PackageNotFoundError:\n    pass")
 

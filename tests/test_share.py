@@ -11,16 +11,18 @@ import pytest
 import torch
 
 from conftest import run_cli
-from utils.captioner import Captioner, load_language_model
+from utils.captioner import Captioner
+from utils.sources import load_language_model
 from utils.config import DecodeConfig, ModelConfig
-from utils.share import ShareError, export_file, import_file, publish, resolve_bundle
+from utils.bundle_files import ShareError, import_file, resolve_bundle
+from utils.share import export_file, publish
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bundle(models_dir, tmp_path_factory):
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
     torch.manual_seed(0)
     captioner = Captioner(ModelConfig(mapper="mlp", clip_dim=64, prefix_length=4, freeze="full",
                                       backbone="standin:ViT", max_caption_tokens=12), lm, tokenizer).eval()
@@ -131,7 +133,7 @@ def test_from_pretrained_takes_the_single_file(bundle, tmp_path, monkeypatch):
 
 
 def test_a_mistyped_local_bundle_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
-    from utils.share import parse_source
+    from utils.bundle_files import parse_source
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -140,3 +142,18 @@ def test_a_mistyped_local_bundle_is_not_looked_up_on_the_hub(tmp_path, monkeypat
     assert parse_source("hub:runs/x") == ("hub", "runs/x")  # said explicitly
     with pytest.raises(Exception, match="not a captioner bundle"):
         Captioner.from_pretrained("runs/captionr")
+
+
+def test_the_model_card_says_how_to_install_and_checks_the_course_was_imported(bundle):
+    """A published bundle's card: the install line, then a snippet that stops at once when another `utils` (a
+    student's utils.py) came first, and that runs as Python."""
+    import ast
+
+    from utils.share import INSTALL, model_card
+
+    card = model_card(bundle)
+    assert INSTALL in card and "git+https://github.com/clipcap-course/clipcap-course@main" in INSTALL
+    snippet = card.split("```python\n")[1].split("```")[0]
+    ast.parse(snippet)
+    assert 'getattr(utils, "COURSE", None) == "clipcap-course"' in snippet
+    assert snippet.index("assert getattr(utils") < snippet.index("from utils.captioner import Captioner")

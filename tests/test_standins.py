@@ -13,33 +13,36 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import embedded_set
-from utils import standins
+from utils.standin_clip import _CLIP_FIT, caption_key, clip_archive
+from utils.standin_names import STANDINS_ENV, STANDIN_CLIP_DIM, clip_standin_name
+from utils.standin_text import gpt2_dir
+from utils.standins import CLIP_DATA, EOS, standins_home
 from utils.embedded import EMBEDDED_ATTRIBUTES
 
 
 def test_clip_vit_standin_loads_through_clip_load(models_dir):
-    path = standins.clip_archive("ViT-B/32", models_dir)
+    path = clip_archive("ViT-B/32", models_dir)
     model, preprocess = clip.load(str(path), device="cpu", jit=False)
     assert type(model).__name__ == "CLIP" and type(model.visual).__name__ == "VisionTransformer"
     assert model.visual.input_resolution == 64
     image = torch.rand(2, 3, 64, 64)
-    assert model.encode_image(image).shape == (2, standins.STANDIN_CLIP_DIM)
-    assert model.encode_text(clip.tokenize(["a red circle", "a blue square"])).shape == (2, standins.STANDIN_CLIP_DIM)
-    assert standins.clip_standin_name("ViT-B/32") == "standin:ViT"
+    assert model.encode_image(image).shape == (2, STANDIN_CLIP_DIM)
+    assert model.encode_text(clip.tokenize(["a red circle", "a blue square"])).shape == (2, STANDIN_CLIP_DIM)
+    assert clip_standin_name("ViT-B/32") == "standin:ViT"
 
 
 def test_clip_resnet_standin_for_rn_backbones(models_dir):
-    path = standins.clip_archive("RN50x4", models_dir)
+    path = clip_archive("RN50x4", models_dir)
     model, _ = clip.load(str(path), device="cpu", jit=False)
     assert type(model.visual).__name__ == "ModifiedResNet"
-    assert model.encode_image(torch.rand(1, 3, 64, 64)).shape == (1, standins.STANDIN_CLIP_DIM)
+    assert model.encode_image(torch.rand(1, 3, 64, 64)).shape == (1, STANDIN_CLIP_DIM)
 
 
 def test_clip_standin_is_built_once_and_deterministically(models_dir, tmp_path):
-    first = standins.clip_archive("ViT-B/32", models_dir)
+    first = clip_archive("ViT-B/32", models_dir)
     stamp = first.stat().st_mtime_ns
-    assert standins.clip_archive("ViT-B/32", models_dir).stat().st_mtime_ns == stamp  # reused
-    again = standins.clip_archive("ViT-B/32", tmp_path)
+    assert clip_archive("ViT-B/32", models_dir).stat().st_mtime_ns == stamp  # reused
+    again = clip_archive("ViT-B/32", tmp_path)
     a = clip.load(str(first), device="cpu", jit=False)[0].state_dict()
     b = clip.load(str(again), device="cpu", jit=False)[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -53,9 +56,9 @@ def course_set(tmp_path_factory):
 
 
 def test_clip_vit_standin_is_trained_on_private_drawings_only(models_dir):
-    standins.clip_archive("ViT-B/32", models_dir)
-    meta = json.loads((models_dir / standins.CLIP_DATA / "meta.json").read_text())
-    assert meta["seed"] == standins._CLIP_FIT["seed"] != 0  # the course's set is seed 0
+    clip_archive("ViT-B/32", models_dir)
+    meta = json.loads((models_dir / CLIP_DATA / "meta.json").read_text())
+    assert meta["seed"] == _CLIP_FIT["seed"] != 0  # the course's set is seed 0
 
 
 def test_clip_vit_standin_embeddings_carry_the_attributes_of_unseen_images(models_dir, course_set):
@@ -67,9 +70,9 @@ def test_clip_vit_standin_embeddings_carry_the_attributes_of_unseen_images(model
     with the fixed colour grid): shape 0.58, colour 0.975, position 0.96, size 0.90, background 1.0;
     top-1 0.30, same attributes 0.66."""
     folder, captions = course_set
-    model, preprocess = clip.load(str(standins.clip_archive("ViT-B/32", models_dir)), device="cpu", jit=False)
+    model, preprocess = clip.load(str(clip_archive("ViT-B/32", models_dir)), device="cpu", jit=False)
     names = sorted(captions)
-    keys = [standins._caption_key(captions[n]) for n in names]
+    keys = [caption_key(captions[n]) for n in names]
     assert None not in keys
     with torch.no_grad():
         images = F.normalize(model.encode_image(torch.stack([preprocess(Image.open(folder / "images" / n))
@@ -92,11 +95,11 @@ def test_clip_vit_standin_embeddings_carry_the_attributes_of_unseen_images(model
 
 
 def test_gpt2_standin_and_tokenizer_load_with_from_pretrained(models_dir):
-    folder = standins.gpt2_dir(models_dir)
+    folder = gpt2_dir(models_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert type(model).__name__ == "GPT2LMHeadModel"
-    assert tokenizer.eos_token == standins.EOS and model.config.eos_token_id == tokenizer.eos_token_id
+    assert tokenizer.eos_token == EOS and model.config.eos_token_id == tokenizer.eos_token_id
     assert model.config.vocab_size == len(tokenizer)
     assert json.loads((folder / "standin.json").read_text())["standin"] is True
     ids = tokenizer("a small red circle on the left.")["input_ids"]
@@ -105,7 +108,7 @@ def test_gpt2_standin_and_tokenizer_load_with_from_pretrained(models_dir):
 
 
 def test_standin_tokenizer_round_trips_any_text(models_dir):
-    tokenizer = AutoTokenizer.from_pretrained(standins.gpt2_dir(models_dir))
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir(models_dir))
     for text in ["A dog runs across the grass .", "Crème brûlée, 寿司 and 🍣!", "tabs\tand\nnewlines  ", "!!!"]:
         assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     # common caption words are single tokens or few pieces, not bytes
@@ -115,16 +118,16 @@ def test_standin_tokenizer_round_trips_any_text(models_dir):
 def test_standins_live_in_one_folder_per_machine(monkeypatch, tmp_path, models_dir):
     """CLIPCAP_STANDINS, else $XDG_CACHE_HOME/clipcap-course, else ~/.cache/clipcap-course; this session's
     tests point it at a temporary folder (conftest), and every data folder's loaders read from there."""
-    from utils.captioner import language_model_source
+    from utils.sources import language_model_source
 
-    assert models_dir == standins.standins_home() and str(models_dir).startswith(str(models_dir.parent))
-    assert language_model_source("gpt2", True, tmp_path / "some-data-folder" / "models")[0] == str(models_dir / "standin-gpt2")
-    monkeypatch.delenv(standins.STANDINS_ENV)
+    assert models_dir == standins_home() and str(models_dir).startswith(str(models_dir.parent))
+    assert language_model_source("gpt2", True)[0] == str(models_dir / "standin-gpt2")
+    monkeypatch.delenv(STANDINS_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert standins.standins_home().parent == tmp_path / "xdg" / "clipcap-course"
+    assert standins_home().parent == tmp_path / "xdg" / "clipcap-course"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert standins.standins_home().parent == tmp_path / "home" / ".cache" / "clipcap-course"
+    assert standins_home().parent == tmp_path / "home" / ".cache" / "clipcap-course"
 
 
 def test_gpt2_standin_has_gpt2s_twelve_blocks_and_is_prefitted_on_captions(models_dir):
@@ -132,7 +135,7 @@ def test_gpt2_standin_has_gpt2s_twelve_blocks_and_is_prefitted_on_captions(model
     caption text: after an end-of-text token it writes a caption whose five facts can be read back, and after
     a caption it restates that caption's facts (the in-context use of the text before it that a soft prompt
     needs) far above the chance of about 0.34."""
-    folder = standins.gpt2_dir(models_dir)
+    folder = gpt2_dir(models_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert model.config.n_layer == 12 and model.config.n_embd == 64
@@ -184,7 +187,7 @@ def test_clip_vit_standin_embedding_keeps_the_region_colours_of_any_image(models
     nearest colour of every region of 200 other images. Measured: 0.997 of regions right, R^2 0.97 (the
     fitted 64 dimensions alone: 0.39, R^2 0.36; the stand-in before the fixed colour grid: 0.44, R^2
     0.39; chance 0.125). Floor: 0.95 right, R^2 0.9."""
-    model, preprocess = clip.load(str(standins.clip_archive("ViT-B/32", models_dir)), device="cpu", jit=False)
+    model, preprocess = clip.load(str(clip_archive("ViT-B/32", models_dir)), device="cpu", jit=False)
     palette = np.array(list(REGION_COLOURS.values()), dtype=float) / 255
 
     def embed(images):
@@ -286,7 +289,7 @@ A band performs on stage under bright lights."""
 def test_standin_tokenizer_reads_everyday_captions_about_as_gpt2_does(models_dir):
     """Tokens per word on FLICKR_STYLE: the real GPT-2 takes about 1.3 on such captions (punctuation
     included); measured 1.22 here (the earlier stand-in, which knew only the drawings' words: 3.01)."""
-    tokenizer = AutoTokenizer.from_pretrained(standins.gpt2_dir(models_dir))
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir(models_dir))
     lines = FLICKR_STYLE.splitlines()
     per_word = sum(len(tokenizer(line)["input_ids"]) for line in lines) / sum(len(line.split()) for line in lines)
     assert per_word <= 1.4, per_word

@@ -12,7 +12,8 @@ import torch
 from conftest import run_cli
 from utils.captioner import Captioner
 from utils.config import ModelConfig, RuntimeConfig, standin_preset
-from utils.model import load_language_model, transformer_blocks
+from utils.model import transformer_blocks
+from utils.sources import load_language_model
 from utils.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,7 +21,7 @@ OFFLINE = RuntimeConfig(offline=True, device="cpu")
 
 
 def test_a_t5_name_offline_loads_the_stand_in_t5(models_dir):
-    lm, tokenizer, name = load_language_model("google/flan-t5-small", offline=True, models_dir=models_dir)
+    lm, tokenizer, name = load_language_model("google/flan-t5-small", offline=True)
     assert type(lm).__name__ == "T5ForConditionalGeneration" and lm.config.is_encoder_decoder
     assert name == "standin:t5"
     blocks = transformer_blocks(lm)  # the encoder's blocks, then the decoder's
@@ -29,7 +30,7 @@ def test_a_t5_name_offline_loads_the_stand_in_t5(models_dir):
 
 
 def test_partial_freezing_trains_the_first_encoder_and_last_decoder_blocks(models_dir):
-    lm, tokenizer, _ = load_language_model("t5-small", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("t5-small", offline=True)
     model = Captioner(ModelConfig(lm="standin:t5", clip_dim=64, prefix_length=4, mapper="mlp", freeze="partial",
                                   train_first_blocks=1, train_last_blocks=1), lm, tokenizer)
     learns = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
@@ -39,7 +40,7 @@ def test_partial_freezing_trains_the_first_encoder_and_last_decoder_blocks(model
 
 
 def test_the_loss_is_the_decoders_cross_entropy_on_caption_tokens_only(models_dir):
-    lm, tokenizer, _ = load_language_model("t5-small", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("t5-small", offline=True)
     torch.manual_seed(0)
     model = Captioner(ModelConfig(lm="standin:t5", clip_dim=64, prefix_length=4, mapper="mlp", freeze="full"),
                       lm, tokenizer).eval()

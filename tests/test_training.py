@@ -14,10 +14,14 @@ import torch
 
 from conftest import (ROOT, TouchWhenUnpickled, assert_same_weights_and_losses, cli_env, lm_without_dropout,
                       quick_train_config, run_cli)
-from utils.captioner import Captioner, load_language_model
+from utils.captioner import Captioner
+from utils.sources import load_language_model
 from utils.config import ModelConfig, RuntimeConfig, TrainConfig, standin_preset
 from utils.features import load_cache
-from utils.training import TrainingError, build_captioner, get_lr, make_optimizer, train
+from utils.errors import TrainingError
+from utils.schedule import get_lr
+from utils.training import train
+from utils.training_run import build_captioner, make_optimizer
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
 
@@ -37,7 +41,7 @@ def test_warmup_then_linear_and_cosine_decay():
 
 @pytest.fixture(scope="module")
 def captioner(models_dir):
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
     torch.manual_seed(0)
     return Captioner(ModelConfig(clip_dim=64, prefix_length=3, clip_length=2, num_layers=1, num_heads=4,
                                  freeze="full"), lm, tokenizer)
@@ -78,7 +82,7 @@ def test_exactly_the_intended_parameters_change(small_cache, models_dir, policy,
     cache = load_cache(small_cache)
     cfg = ModelConfig(freeze=policy, train_first_blocks=first, train_last_blocks=last, num_layers=1, num_heads=4)
     torch.manual_seed(0)
-    model = build_captioner(cfg, cache, OFFLINE, models_dir)
+    model = build_captioner(cfg, cache, OFFLINE)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
     ids, mask, labels = model.pad(model.encode_captions(["a red circle", "a blue star on the left"])[0])

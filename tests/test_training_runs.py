@@ -17,10 +17,14 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_env, quick_train_config, run_cli
-from utils.captioner import Captioner, load_language_model
+from utils.captioner import Captioner
+from utils.sources import load_language_model
 from utils.config import ConfigError, DecodeConfig, ModelConfig, RuntimeConfig, TrainConfig, standin_preset
-from utils.training import (MAX_SKIPPED_STEPS, TrainingError, check_steps, get_lr, load_trainable, train,
-                            train_step, warmup_for)
+from utils.checkpoints import TrainState, load_trainable
+from utils.errors import TrainingError
+from utils.monitors import MAX_SKIPPED_STEPS, check_steps
+from utils.schedule import get_lr, warmup_for
+from utils.training import train, train_step
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
 # 39 steps per epoch on small_cache's 621 training captions: 117 steps, long enough to be interrupted mid-run
@@ -98,11 +102,12 @@ def test_interrupt_in_python_raises_one_clean_exception(small_cache, data_dir, t
     """In a notebook: train() raises TrainingInterrupted, which IPython shows as one line."""
     from utils import training
 
-    real = training.train_step
+    real, steps = training.train_step, []
 
-    def interrupted_at_step_3(model, optimizer, accelerator, micro, lr, cfg, step):
-        result = real(model, optimizer, accelerator, micro, lr, cfg, step)
-        if step == 2:  # the third step: Ctrl-C while it runs
+    def interrupted_at_step_3(model, optimizer, accelerator, micro, lr, cfg):
+        result = real(model, optimizer, accelerator, micro, lr, cfg)
+        steps.append(lr)
+        if len(steps) == 3:  # the third step: Ctrl-C while it runs
             signal.raise_signal(signal.SIGINT)
         return result
 
@@ -192,14 +197,15 @@ def test_a_warmup_longer_than_a_third_of_the_schedule_is_shortened_and_said(smal
 
 def test_a_streak_of_skipped_fp16_steps_stops_the_run():
     """Read at log steps, as train() does: the steps' losses stay on the device until check_steps reads them."""
-    state, nan, inf, one = {}, torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor(1.0)
+    state, nan, inf, one = TrainState(decay_steps=100), torch.tensor(float("nan")), torch.tensor(float("inf")), \
+        torch.tensor(1.0)
     steps = [(i, nan, one) for i in range(MAX_SKIPPED_STEPS - 1)] + [(MAX_SKIPPED_STEPS - 1, one, one)]
     assert len(check_steps(state, steps, "fp16")) == MAX_SKIPPED_STEPS and not steps, "the pending steps are read"
     check_steps(state, [(MAX_SKIPPED_STEPS + i, inf, one) for i in range(MAX_SKIPPED_STEPS - 1)], "fp16")
     with pytest.raises(TrainingError, match=f"not finite for {MAX_SKIPPED_STEPS} steps in a row \\(up to step 49;"):
         check_steps(state, [(2 * MAX_SKIPPED_STEPS - 1, nan, one)], "fp16")
     with pytest.raises(TrainingError, match="the loss became nan at step 3: training diverged"):
-        check_steps({}, [(2, one, one), (3, nan, one), (4, nan, one)], "fp32")
+        check_steps(TrainState(decay_steps=100), [(2, one, one), (3, nan, one), (4, nan, one)], "fp32")
 
 
 # ---------------------------------------------------------------------------- the step, the LM's mode
@@ -211,7 +217,7 @@ def _model() -> ModelConfig:
 @pytest.fixture(scope="module")
 def tiny(models_dir):
     def make(freeze="full", **changes):
-        lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+        lm, tokenizer, _ = load_language_model("gpt2", offline=True)
         torch.manual_seed(0)
         return Captioner(ModelConfig(clip_dim=64, prefix_length=3, clip_length=2, num_layers=1, num_heads=4,
                                      freeze=freeze, **changes), lm, tokenizer)

@@ -16,8 +16,8 @@ from conftest import ROOT, cli_env, run_cli
 from utils.captioner import Captioner
 from utils.config import ModelConfig, RuntimeConfig
 from utils.features import load_cache
-from utils.standins import marian_dir
-from utils.training import build_captioner
+from utils.standin_text import marian_dir
+from utils.training_run import build_captioner
 from utils.translate import STANDIN_LABEL, TranslationError, Translators, add_translations, load_translator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +35,7 @@ def bundle(small_cache, models_dir, tmp_path_factory):
 
     torch.manual_seed(0)
     cfg = ModelConfig(mapper="mlp", prefix_length=4, freeze="full", max_caption_tokens=12)
-    captioner = build_captioner(cfg, load_cache(small_cache), RuntimeConfig(offline=True, device="cpu"), models_dir)
+    captioner = build_captioner(cfg, load_cache(small_cache), RuntimeConfig(offline=True, device="cpu"))
     return captioner.save_pretrained(tmp_path_factory.mktemp("translate") / "captioner")
 
 

@@ -31,12 +31,17 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.captioner import Captioner, CaptionerError, generate_kwargs, load_language_model
+from utils.captioner import Captioner
+from utils.model import CaptionerError, generate_kwargs
+from utils.sources import load_language_model
 from utils.config import (DataConfig, DecodeConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
                           standin_preset)
 from utils.readers import load_records
 from utils.features import FeatureCacheError, cache_features, load_cache
-from utils.training import TrainingError, build_captioner, epoch_order, make_split, train
+from utils.errors import TrainingError
+from utils.schedule import epoch_order
+from utils.training import train
+from utils.training_run import build_captioner, make_split
 
 OFFLINE = RuntimeConfig(offline=True, device="cpu")
 
@@ -68,7 +73,7 @@ def _held_out(cache) -> torch.Tensor:
 
 
 def test_mask_and_labels_of_an_item_are_the_same_on_every_access(cache, models_dir):
-    captioner = build_captioner(standin_preset()[0], cache, OFFLINE, models_dir)
+    captioner = build_captioner(standin_preset()[0], cache, OFFLINE)
     split = make_split(cache, "train", captioner)
     stored = copy.deepcopy(split.tokens)
     seen = {}
@@ -88,7 +93,7 @@ def test_a_1000_token_caption_is_cut_counted_and_trains(cache, models_dir, capsy
     captions = cache.captions.copy()
     first = captions.index[captions["split"] == "train"][0]
     captions.loc[first, "caption"] = "a very long caption " * 250  # 1000 words, over 1000 tokens
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
     config = ModelConfig(mapper="mlp", clip_dim=cache.features.shape[1], freeze="full",
                          max_caption_tokens=5000)  # asks for too many
     captioner = Captioner(config, lm, tokenizer)
@@ -143,7 +148,7 @@ def test_editing_the_captions_file_is_noticed_by_everything_made_from_it(data_di
 def test_normalisation_and_clip_width_travel_with_the_bundle(models_dir, tmp_path):
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
     for normalize in (True, False):
-        lm, tokenizer, _ = load_language_model("gpt2", offline=True, models_dir=models_dir)
+        lm, tokenizer, _ = load_language_model("gpt2", offline=True)
         torch.manual_seed(0)
         config = ModelConfig(mapper="mlp", clip_dim=64, backbone="standin:ViT", normalize_prefix=normalize,
                              max_caption_tokens=12)

@@ -14,7 +14,7 @@ from PIL import Image
 from utils.config import DecodeConfig, ModelConfig, RuntimeConfig
 from utils.controls import KNOBS
 from utils.features import load_cache
-from utils.training import build_captioner
+from utils.training_run import build_captioner
 from utils.translate import STANDIN_LABEL, Translators
 from utils.widgets import UPLOAD_LIMIT, DecodingExplorer
 
@@ -29,7 +29,7 @@ def captioner(small_cache, models_dir):
 
     torch.manual_seed(0)
     model_cfg = ModelConfig(mapper="mlp", prefix_length=4, freeze="full", max_caption_tokens=12)
-    captioner = build_captioner(model_cfg, load_cache(small_cache), OFFLINE, models_dir).eval()
+    captioner = build_captioner(model_cfg, load_cache(small_cache), OFFLINE).eval()
     captioner.image_encoder(models_dir)  # its stand-in CLIP, from this session's models
     return captioner
 

@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (ConfigError, DataConfig, DecodeConfig, DecodeConfigError, FeatureConfig, ModelConfig,
-                     RuntimeConfig, TrainConfig, add_arguments, decode_config, from_arguments, given_arguments,
-                     standin_preset)
+from .config import (DataConfig, DecodeConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
+                     add_arguments, decode_config, from_arguments, given_arguments, standin_preset)
+from .errors import CourseError
 
 
 def _runtime(args) -> RuntimeConfig:
@@ -30,7 +30,7 @@ def _captions(data: DataConfig, runtime: RuntimeConfig):
 def cmd_info(args) -> None:
     from .features import FeatureCacheError, load_cache
     from .paths import features_dir, models_dir
-    from .runtime import environment_report
+    from .setup import environment_report
 
     report = environment_report(args.device or "auto")
     width = max(map(len, report))
@@ -68,6 +68,8 @@ def cmd_download(args):
                                                     data.max_images, offline=is_offline(runtime.offline),
                                                     base_url=getattr(args, "base_url", None))))
         return _captions(data, runtime)
+    if data.dataset == "hf" and data.path:  # a Hub set is downloaded by reading it (its images written once)
+        return _captions(data, runtime)
     if not downloadable(data.dataset):
         sys.exit(f"--dataset {data.dataset} is read from your own files (--path); there is nothing to download.")
     captions, root = load_captions(data, runtime)
@@ -89,8 +91,9 @@ def cmd_train(args):
     """Train on a feature cache; offline, the stand-in preset is the base the flags change."""
     from accelerate import PartialState
 
-    from .course import default_configs, training_report
-    from .features import default_cache_dir
+    from .config import default_configs
+    from .course import training_report
+    from .paths import default_cache_dir
     from .runtime import is_offline
     from .training import TrainingInterrupted, train
 
@@ -143,6 +146,8 @@ def cmd_caption(args, captioner=None) -> list[dict]:
     captioner = captioner or _load_captioner(args)
     paths = _image_files(args.images)
     results = add_translations(captioner.caption_files(paths, decode), translator)
+    if len(results) == 1 and results[0]["error"]:  # one image: one line, the one the web demo gives
+        sys.exit(f"error: {results[0]['image']} cannot be captioned: {results[0]['error']}.")
     for r in results:
         if r["error"]:
             print(f"skipped {r['image']}: {r['error']} (replace or remove the file)", file=sys.stderr)
@@ -162,17 +167,21 @@ def cmd_caption(args, captioner=None) -> list[dict]:
 
 def cmd_evaluate(args, captioner=None) -> dict:
     """Score a captioner on a split of a feature cache (default: the cache it was trained on)."""
-    from .evaluation import METRICS, evaluate_split
-    from .features import load_cache
+    from .evaluation import CLIP_METRICS, clip_note, evaluate_split
+    from .metrics import METRICS
+    from .features import load_cache, training_cache
 
     decode = decode_config(**given_arguments(DecodeConfig, args))
     captioner = captioner or _load_captioner(args)
-    cache = load_cache(args.features) if args.features else captioner.training_cache()  # or: where it looked
+    cache = load_cache(args.features) if args.features else training_cache(captioner)  # or: where it looked
     features = cache.path
     scores, per_image = evaluate_split(captioner, cache, args.split, decode, args.clip_score, args.out,
                                        args.metrics or METRICS)
     if args.json:
-        print(json.dumps({"split": args.split, "images": len(per_image), "scores": scores}, indent=2))
+        note = clip_note(bool(cache.meta.get("standin")), cache.meta.get("dataset"))
+        notes = {metric: note for metric in CLIP_METRICS if metric in scores and note}
+        print(json.dumps({"split": args.split, "images": len(per_image), "scores": scores} |
+                         ({"notes": notes} if notes else {}), indent=2))
     else:
         from .calibration import closing_report
 
@@ -189,14 +198,15 @@ def cmd_evaluate(args, captioner=None) -> dict:
 
 def cmd_course(args):
     """The main job: every stage of the course in order, on the chosen dataset (course.run_course)."""
-    from .course import default_configs, run_course
+    from .config import default_configs
+    from .course import run_course
     from .runtime import is_offline
 
     runtime = _runtime(args)
     model_base, train_base = default_configs(is_offline(runtime.offline))
     # two stages, one namespace: --batch-size is training's, --feature-batch-size and --num-workers the features'
     features = given_arguments(FeatureConfig, args) | {"batch_size": args.feature_batch_size}
-    train = given_arguments(TrainConfig, args) | {"num_workers": None}
+    train = given_arguments(TrainConfig, args)
     decode = decode_config(**given_arguments(DecodeConfig, args))  # contradictions: refused before training
     return run_course(from_arguments(DataConfig, args), _with(FeatureConfig(), features),
                       from_arguments(ModelConfig, args, model_base), _with(train_base, train), runtime, decode,
@@ -210,10 +220,9 @@ def _with(config, settings: dict):
 
 def cmd_serve(args) -> None:
     """The web demo of a trained captioner, until Ctrl+C; the page's knobs start from the decoding flags."""
-    from werkzeug.serving import make_server
-
-    from .captioner import CaptionerError
-    from .serve import VALIDATION, bundle_title, create_app, folder_examples, validation_examples
+    from .features import training_cache
+    from .model import CaptionerError
+    from .serve import VALIDATION, bundle_title, create_app, folder_examples, make_demo_server, validation_examples
 
     decode = decode_config(**given_arguments(DecodeConfig, args))
     if args.examples:  # checked before the captioner loads: a wrong folder fails at once
@@ -223,7 +232,7 @@ def cmd_serve(args) -> None:
         examples, examples_are = validation_examples(captioner), VALIDATION
         if not examples:
             try:
-                why = f"no validation images in the feature cache at {captioner.training_cache().path}"
+                why = f"no validation images in the feature cache at {training_cache(captioner).path}"
             except CaptionerError as exc:
                 why = str(exc)
             print(f"no example gallery: {why}; show a folder of images with --examples DIR", file=sys.stderr)
@@ -232,7 +241,7 @@ def cmd_serve(args) -> None:
     app = create_app(captioner, examples, decode, title=bundle_title(args.model), examples_are=examples_are,
                      translators=Translators(_runtime(args).offline))  # --offline: the stand-in translator too
     try:  # port 0: a free port, the one printed below
-        server = make_server(args.host, args.port, app, threaded=True)  # a port in use: werkzeug says so, exits 1
+        server = make_demo_server(app, args.host, args.port)  # a port in use: werkzeug says so, exits 1
     except OSError as exc:
         sys.exit(f"error: cannot serve on {args.host} port {args.port}: {exc.strerror or exc}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -260,11 +269,13 @@ def cmd_import_clipcap(args) -> None:
 def cmd_bench(args) -> None:
     """Each benchmark measures ours and the ClipCap way in the same run and writes a results table."""
     from . import bench
+    from .bench_gpu import bench_gpu
     from .bench_training import bench_training
+
     device, out = args.device or "auto", Path(args.out)
     models_dir = None  # the stand-ins' per-machine folder (standins.standins_home())
     if args.what == "gpu":
-        bench.bench_gpu(args.quick, device, args.precision, args.compile, models_dir=models_dir, out_dir=out)
+        bench_gpu(args.quick, device, args.precision, args.compile, models_dir=models_dir, out_dir=out)
         return
     which = ("features", "training", "captioning") if args.what == "all" else (args.what,)
     for name in which:
@@ -315,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = command("info", cmd_info, "print the environment, GPU check and what is cached")
     info.add_argument("--data-dir", default=None)
-    download = command("download", cmd_download, "fetch a dataset (Kaggle / attached input / embedded / COCO)",
+    download = command("download", cmd_download, "fetch a dataset (Kaggle / attached input / embedded / COCO / a Hugging Face set)",
                        [DataConfig])
     download.add_argument("--split", default=None, help="coco: train2014 (default), val2014, train2017 or val2017")
     download.add_argument("--base-url", default=None, help="coco: where annotations/ and the images are "
@@ -393,24 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .captioner import CaptionerError
-    from .clipcap_import import ClipCapImportError
-    from .records import DatasetError
-    from .download import DownloadError
-    from .evaluation import EvaluationError
-    from .features import FeatureCacheError
-    from .files import DiskFull
-    from .runtime import GPUUnsupported
-    from .share import ShareError
-    from .training import TrainingError
-    from .translate import TranslationError
-
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CaptionerError, ClipCapImportError, ConfigError, DatasetError, DecodeConfigError, DiskFull,
-            DownloadError, EvaluationError, FeatureCacheError, GPUUnsupported, ShareError, TrainingError,
-            TranslationError,
+    except (CourseError,  # every stage's refusal: one line that says what to do (errors.py)
             FileNotFoundError) as exc:  # FileNotFoundError: a path given on the command line is not there
         sys.exit(f"error: {exc}")
 

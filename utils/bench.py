@@ -165,12 +165,13 @@ def bench_models(arch: str, device: torch.device, models_dir: Path | None = None
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
 
-    from .captioner import Captioner, load_language_model
+    from .captioner import Captioner
+    from .sources import NO_REMOTE_CODE, load_language_model
     from .config import ModelConfig
-    from .standins import gpt2_dir
+    from .standin_text import gpt2_dir
 
     logging.disable_progress_bar()  # saving and loading the random LM: no bars in the bench's output
-    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir(models_dir))  # only its EOS id is used here
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir(models_dir), **NO_REMOTE_CODE)  # only its EOS id is used here
     torch.manual_seed(0)
     if arch == "tiny":
         lm = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=len(tokenizer),
@@ -183,8 +184,8 @@ def bench_models(arch: str, device: torch.device, models_dir: Path | None = None
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del lm
-        ours_lm, tokenizer, _ = load_language_model(tmp, offline=False, models_dir=models_dir)
-        base_lm = AutoModelForCausalLM.from_pretrained(tmp) if clipcap else None
+        ours_lm, tokenizer, _ = load_language_model(tmp, offline=False)
+        base_lm = AutoModelForCausalLM.from_pretrained(tmp, **NO_REMOTE_CODE) if clipcap else None
     torch.manual_seed(1)
     ours = Captioner(cfg, ours_lm, tokenizer).to(device)
     if not clipcap:
@@ -237,10 +238,11 @@ def bench_captioning(images: int = 32, baseline_images: int = 4, max_tokens: int
     rates, same = {}, None
     for name, decoding, baseline in (("greedy", dict(do_sample=False), clipcap_greedy),
                                      ("beam5", dict(num_beams=5, do_sample=False), clipcap_beam)):
-        rates[f"ours_{name}"] = images / _timed(lambda: ours(clip, **decoding), device)
+        rates[f"ours_{name}"] = images / _timed(lambda decoding=decoding: ours(clip, **decoding), device)
         base = []
         rates[f"clipcap_{name}"] = baseline_images / _timed(
-            lambda: base.extend(baseline(captioner, clip[:baseline_images], max_tokens)), device)
+            lambda base=base, baseline=baseline: base.extend(baseline(captioner, clip[:baseline_images], max_tokens)),
+            device)
         if name == "greedy":  # the same captions, token for token, before the first EOS
             mine = ours(clip[:baseline_images], do_sample=False).tolist()
             same = sum(m[:len(b)] == b for m, b in zip(mine, base))
@@ -265,60 +267,3 @@ def bench_captioning(images: int = 32, baseline_images: int = 4, max_tokens: int
 
 
 # ---- everything a GPU session should bring back, in one call ---------------------------------------
-
-GPU_PLAN = {  # quick: the same code on the CPU in seconds, for the test suite
-    "quick": dict(arch="tiny", images=8, baseline_images=2, batch=4, workers=0, steps=3, warmup=1,
-                  batch_sizes=[4, 8], caption_images=4, caption_baseline=2),
-    "full": dict(arch="real", images=512, baseline_images=32, batch=128, workers=8, steps=30, warmup=3,
-                 batch_sizes=[40, 128, 256], caption_images=64, caption_baseline=8),
-}
-
-
-def bench_gpu(quick: bool = False, device: str = "auto", precision: str = "auto", compile: bool = False,
-              parts: tuple[str, ...] = ("features", "training", "captioning"),
-              models_dir: str | Path | None = None, out_dir: str | Path = "bench/results") -> dict:
-    """Features, the training step at several batch sizes (ClipCap's mechanics at its batch 40), captioning,
-    MFU and peak memory, each written to out_dir, then a summary `gpu-<device>.md/.json`. A run with
-    --precision fp16 takes the T4/P100 path (fp16, loss scaling); --compile times torch.compile's step."""
-    from .bench_training import bench_training
-
-    device = resolve_device(device)
-    if device.type != "cuda" and not quick:
-        raise ValueError(f"`bench gpu` measures a GPU, and {device} is none: add --quick for its small CPU run.")
-    plan, where = GPU_PLAN["quick" if quick else "full"], str(device)
-    suffix = ("" if precision == "auto" else f"-{precision}") + ("-compiled" if compile else "")
-    if suffix:  # features and captioning do not depend on the training precision
-        parts = ("training",)
-    done, seconds = {}, {}
-    for part in parts:
-        start = time.perf_counter()
-        if part == "features":
-            done[part] = bench_features(plan["images"], where, plan["batch"], plan["workers"],
-                                        plan["baseline_images"], out_dir)["summary"]
-        elif part == "training":
-            sizes = plan["batch_sizes"][:1] if compile else plan["batch_sizes"]
-            done[part] = bench_training(plan["steps"], sizes[0], where, plan["arch"], models_dir, out_dir, precision,
-                                        sizes, plan["warmup"] + 2 * compile, compile, baseline=not compile,
-                                        suffix=suffix)["summary"]
-        elif part == "captioning":
-            done[part] = bench_captioning(plan["caption_images"], plan["caption_baseline"], 20, where, plan["arch"],
-                                          models_dir, out_dir)["summary"]
-        else:
-            raise ValueError(f"unknown part {part!r}: choose from features, training, captioning")
-        seconds[part] = round(time.perf_counter() - start, 1)
-    result = {"benchmark": "gpu", "quick": quick, "precision": precision, "compile": compile,
-              "machine": machine_info(device), "seconds": seconds, "results": done}
-    lines = [f"# GPU bench{' (quick, CPU check)' if quick else ''}\n\n{machine_line(result)} Precision {precision}"
-             f"{', compiled' if compile else ''}.\n\n| part | seconds | headline |\n|---|---|---|"]
-    for part, summary in done.items():
-        if part == "features":
-            head = f"ours {summary['images_per_s']['ours_batched']} images/s, {summary['speedup_vs_clipcap']}x"
-        elif part == "training":
-            best = max(summary["pipelines"], key=lambda r: r["samples_per_s"])
-            head = (f"best {best['samples_per_s']} samples/s at batch {best['batch_size']}, MFU "
-                    f"{best['mfu']}, {best['peak_memory_gib']} GiB; {summary.get('speedup_vs_clipcap', '-')}x")
-        else:
-            head = f"greedy {summary['speedup_greedy']}x, beam 5 {summary['speedup_beam5']}x"
-        lines.append(f"| {part} | {seconds[part]} | {head} |")
-    write_results(Path(out_dir), "gpu", device, result, "\n".join(lines) + "\n", suffix)
-    return result

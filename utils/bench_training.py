@@ -109,7 +109,8 @@ def bench_training(steps: int = 30, batch_size: int = 40, device: str = "auto", 
     from accelerate import Accelerator
 
     from .config import TrainConfig
-    from .training import epoch_order, get_lr, length_bucketed_batches, make_optimizer, padding_share
+    from .schedule import epoch_order, get_lr, length_bucketed_batches, padding_share
+    from .training_run import make_optimizer
 
     device = resolve_device(device)
     mixed = mixed_precision(precision, device)  # as train() chooses it; never torch.cuda.is_bf16_supported()
@@ -238,7 +239,7 @@ def bench_training(steps: int = 30, batch_size: int = 40, device: str = "auto", 
         streams = {"ours": ours_steps(sizes[0])} | ({"clipcap": clipcap_steps(sizes[0], max_seq_len)} if baseline
                                                     else {})
         try:
-            summary["host_syncs_per_step"] = {k: host_syncs(lambda: next(v)) for k, v in streams.items()}
+            summary["host_syncs_per_step"] = {k: host_syncs(lambda v=v: next(v)) for k, v in streams.items()}
         except Exception as exc:  # never measured before a GPU session: it must not cost the figures above
             summary["host_syncs_per_step"] = {"not measured": f"{type(exc).__name__}: {exc}"}
     result = {"benchmark": "training", "architecture": f"{arch}: 6-layer transformer mapper, prefix 10, GPT-2 "

@@ -13,8 +13,9 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from .evaluation import (METRICS, PAPER_REFERENCE, clip_scores_of_files, embedded_truth, facts_right, results_table,
-                         score_captions)
+from .evaluation import (PAPER_REFERENCE, clip_note, clip_scores_of_files, embedded_truth, facts_right,
+                         results_table)
+from .metrics import METRICS, score_captions
 
 CALIBRATION_ROWS = {
     "reference": "a human reference caption, scored against the image's other references",
@@ -68,7 +69,7 @@ def closing_table(scores: dict, calibration: dict[str, dict[str, float]], datase
     """The course's closing table (x100): ours beside the calibration rows, and the paper's columns only on
     the dataset its numbers were measured on; and a "what next" line that reads ours against the rows."""
     table = results_table(scores, compare=PAPER_REFERENCE if dataset in PAPER_DATASETS else None,
-                          calibration=calibration)
+                          calibration=calibration, note=clip_note(standin, dataset))
     metric = next((m for m in ("facts_right", "CIDEr", "BLEU-4") if m in table.index), table.index[0])
     low, high, ours = (table.at[metric, c] for c in ("shuffled", "reference", "ours"))
     where = (f"on {metric}, ours is {ours:.1f}: {100 * (ours - low) / (high - low):.0f}% of the way from shuffled "

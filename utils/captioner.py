@@ -13,17 +13,15 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from . import bundle
-from .clip_encoder import as_stored, encode_images, load_clip
+from .clip_encoder import as_stored, encode_images
 from .config import DecodeConfig, decode_config
-from .images import UnreadableImage
-# the model's names, also importable from here as before the split (utils.captioner.load_language_model, ...)
-from .model import (CaptionerError, CaptionModel, apply_freeze, final_norm, generate_kwargs,  # noqa: F401
-                    language_model_source, load_language_model, transformer_blocks)
+from .images import UnreadableImage, image_name
+from .model import CaptionerError, CaptionModel
 from .paths import models_dir as default_models_dir
-from .standins import is_standin
+from .sources import load_clip
+from .standin_names import is_standin
 
 
 class Captioner(CaptionModel):
@@ -39,7 +37,8 @@ class Captioner(CaptionModel):
     def image_encoder(self, models_dir: str | Path | None = None):
         """(CLIP model, preprocess) of the backbone the captioner was trained on, loaded on first use.
 
-        A stand-in backbone ("standin:ViT") is built under `models_dir` (default: <data dir>/models).
+        A real backbone is downloaded into `models_dir`/clip (default: <data dir>/models); a stand-in one
+        ("standin:ViT") is the machine's stand-in CLIP (standins.standins_home), built once per machine.
         """
         if self._clip is None:
             name = self.config.backbone
@@ -111,15 +110,3 @@ class Captioner(CaptionModel):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "Captioner":
         return bundle.load(cls, path, device)
-
-    def training_cache(self, data_dir: str | Path | None = None):
-        """The feature cache (FeatureCache) this captioner was trained on, found on this machine even after
-        its data folder moved; CaptionerError says where it looked when it is not here (bundle.py)."""
-        return bundle.training_cache(self.summary, self.bundle_path, data_dir)
-
-
-def image_name(image, position: int) -> str:
-    """A path as given; a PIL image by the file it was opened from, else by its position."""
-    if isinstance(image, Image.Image):
-        return getattr(image, "filename", "") or f"image {position}"
-    return str(image)

@@ -12,7 +12,6 @@ through `encode_batches` here, so the same photo gets the same embedding on ever
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,30 +19,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .images import UnreadableImage, draft_side, open_image, prepare_image
-from .runtime import announce_offline
-from .standins import clip_archive, clip_standin_name, is_standin
 
 PRECISIONS = ("fp16", "fp32")
 STORED_DTYPE = np.float16  # what the feature cache stores, and what captioning rounds to
-
-
-def load_clip(backbone: str, device: torch.device, offline: bool, models_dir: str | Path):
-    """`clip.load` a real backbone by name, or offline the stand-in archive through the same call.
-
-    Returns (model, preprocess, backbone name as recorded in caches).
-    """
-    import clip
-
-    models_dir = Path(models_dir)
-    if offline:
-        name = clip_standin_name(backbone)
-        announce_offline(f"CLIP {name}, the tiny stand-in this captioner was trained on" if is_standin(backbone)
-                         else f"CLIP '{backbone}' replaced by the tiny stand-in {name}")
-        source = str(clip_archive(backbone))  # the stand-ins: once per machine, standins.standins_home()
-    else:
-        source, name = backbone, backbone
-    model, preprocess = clip.load(source, device=device, jit=False, download_root=str(models_dir / "clip"))
-    return model.eval(), preprocess, name
 
 
 def draft_size(model) -> int:

@@ -22,15 +22,18 @@ stopped its captions at the first ".", so the bundle's `stop_token` is "." and i
 from __future__ import annotations
 
 import pickle
+import pickletools
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
+from .bundle import LM_LIMITS, MAPPER_LIMITS
 from .captioner import Captioner
 from .config import ModelConfig, RuntimeConfig
-from .model import language_model_source
-from .paths import models_dir as default_models_dir
+from .errors import CourseError
+from .sources import NO_REMOTE_CODE, language_model_source, load_tokenizer
 from .runtime import is_offline
 from .standin_names import STANDIN_CLIP_DIM
 
@@ -44,12 +47,12 @@ CLIPCAP_LENGTH = 67  # tokens ClipCap's own decoding generates at most
 _STALE = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers old transformers saved with GPT-2
 
 
-class ClipCapImportError(ValueError):
+class ClipCapImportError(CourseError, ValueError):
     """A file that is not one of ClipCap's checkpoints, or settings that contradict it; says what to do."""
 
 
 def import_clipcap(weights: str | Path, out: str | Path, runtime: RuntimeConfig = RuntimeConfig(),
-                   models_dir: str | Path | None = None, **settings) -> Captioner:
+                   **settings) -> Captioner:
     """Read a ClipCap checkpoint, save it as a captioner bundle at `out`, and return the captioner.
 
     `settings` are ModelConfig fields: those the shapes decide (mapper, prefix_length, ...) must agree
@@ -70,9 +73,7 @@ def import_clipcap(weights: str | Path, out: str | Path, runtime: RuntimeConfig 
     if CLIP_WIDTHS.get(backbone, found["clip_dim"]) != found["clip_dim"]:
         raise ClipCapImportError(f"{path} takes {found['clip_dim']}-d CLIP embeddings, but {backbone} gives "
                                  f"{CLIP_WIDTHS[backbone]}-d ones: {_backbones_of(found['clip_dim'])}.")
-    models_dir = Path(models_dir or default_models_dir())
-    lm, tokenizer, lm_name = _language_model(state, settings.get("lm", "gpt2"), is_offline(runtime.offline),
-                                             models_dir, path)
+    lm, tokenizer, lm_name = _language_model(state, settings.get("lm", "gpt2"), is_offline(runtime.offline), path)
     defaults = dict(num_heads=CLIPCAP_HEADS, freeze="full" if found["mapper"] == "mlp" else "frozen",
                     normalize_prefix=found["mapper"] == "transformer", stop_token=".",
                     max_caption_tokens=CLIPCAP_LENGTH, dropout=0.0)
@@ -88,14 +89,17 @@ def import_clipcap(weights: str | Path, out: str | Path, runtime: RuntimeConfig 
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors, without the stale buffers; anything but a plain dict of tensors is refused."""
+    """The file's tensors, without the stale buffers; anything but a plain dict of tensors is refused, and
+    so is a file whose tensors would take more memory than the file holds bytes (compressed or overlapping
+    data): it is checked as a zip, then loaded memory-mapped (nothing materialised) and its storages measured."""
     if not path.is_file():
         raise ClipCapImportError(f"{path}: no such file. Download the weights from the links in ClipCap's README "
                                  "(github.com/rmokady/CLIP_prefix_caption) and give that file.")
+    _check_archive(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses anyway
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         if str(exc).startswith("Weights only load failed"):
             raise ClipCapImportError(f"{path} holds pickled Python objects or code, not just tensors: it is "
@@ -108,37 +112,110 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                                  "complete?") from None
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ClipCapImportError(f"{path} is not a state dict (a dict of tensors), as ClipCap's released files are.")
+    size = path.stat().st_size
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
+    if sum(storages.values()) > size:
+        raise ClipCapImportError(f"{path}: its tensors claim {sum(storages.values()):,} bytes, more than the "
+                                 f"{size:,} bytes of the file: it is damaged or crafted; refused before anything "
+                                 "was loaded into memory.")
     return {k: v for k, v in state.items() if not k.endswith(_STALE)}
 
 
+def _check_archive(path: Path) -> None:
+    """torch.save writes a zip whose members are stored as they are: a member that is compressed could
+    inflate past the file's size (a 390 KB file holding a 400 MB tensor), so it is refused unread."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        if _pickled_objects(path):
+            raise ClipCapImportError(f"{path} holds pickled Python objects or code, not just tensors: it is "
+                                     "refused, never run. ClipCap's released files are plain state dicts: "
+                                     "download them again from the links in its README.") from None
+        raise ClipCapImportError(f"{path} is not a PyTorch checkpoint in torch.save's zip format (used since "
+                                 "PyTorch 1.6, and by ClipCap's released files): is the download complete? A file "
+                                 "saved by an older PyTorch: load it there and torch.save it again.") from None
+    compressed = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED), None)
+    if compressed is not None:
+        raise ClipCapImportError(f"{path}: {compressed.filename} is compressed ({compressed.compress_size:,} bytes "
+                                 f"that inflate to {compressed.file_size:,}); torch.save never compresses, so the "
+                                 "file is damaged or crafted: refused before anything was loaded.")
+    claimed, size = sum(i.file_size for i in infos), path.stat().st_size
+    if claimed > size:
+        raise ClipCapImportError(f"{path}: its members claim {claimed:,} bytes, more than the {size:,} bytes of the "
+                                 "file: it is damaged or crafted; refused before anything was loaded.")
+
+
+def _pickled_objects(path: Path) -> bool:
+    """Whether a plain pickle names Python objects beyond torch's and containers (code it would run), read
+    opcode by opcode with pickletools: nothing is unpickled."""
+    found = []
+    try:
+        with open(path, "rb") as f:
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name in ("GLOBAL", "INST") and not str(arg).startswith(("torch", "collections")):
+                    found.append(arg)
+                elif opcode.name in ("STACK_GLOBAL", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "BUILD"):
+                    found.append(opcode.name)
+                if found or opcode.name == "STOP":
+                    break
+    except Exception:  # not a pickle at all
+        return False
+    return bool(found)
+
+
 def shapes_config(state: dict[str, torch.Tensor], path: Path) -> dict:
-    """The ModelConfig fields the tensors' shapes decide: mapper kind, CLIP width, prefix, layers."""
+    """The ModelConfig fields the tensors' shapes decide: mapper kind, CLIP width, prefix, layers; a shape
+    with a zero or an absurd size is refused before anything is built."""
     if "clip_project.model.0.weight" not in state and "clip_project.linear.weight" not in state:
         raise ClipCapImportError(f"{path} holds no ClipCap mapper: neither clip_project.model.* (MLP) nor "
                                  "clip_project.linear / transformer.* (transformer). Is it one of the paper's files?")
-    width = _tensor(state, "gpt.transformer.wte.weight", path).shape[1]  # GPT-2's width D
+    vocab, width = _matrix(state, "gpt.transformer.wte.weight", path)  # GPT-2's width D
+    if width > LM_LIMITS["width"] or vocab > LM_LIMITS["vocabulary"]:
+        raise ClipCapImportError(f"{path}: gpt.transformer.wte.weight is {vocab:,} x {width:,}, over the limits of "
+                                 f"{LM_LIMITS['vocabulary']:,} tokens and width {LM_LIMITS['width']:,} this course "
+                                 "loads: is it one of the paper's files?")
     if "clip_project.model.0.weight" in state:  # MLP: Linear(clip, P*D/2) -> Tanh -> Linear(P*D/2, P*D)
-        first, last = (_tensor(state, f"clip_project.model.{i}.weight", path) for i in (0, 2))
-        if last.shape[0] % width or last.shape[1] != first.shape[0] or first.shape[0] != last.shape[0] // 2:
-            raise ClipCapImportError(f"{path}: the MLP mapper's shapes {tuple(first.shape)} and {tuple(last.shape)} "
-                                     f"are not ClipCap's Linear(C, P*{width}/2) -> Linear(P*{width}/2, P*{width}).")
-        return dict(mapper="mlp", clip_dim=first.shape[1], prefix_length=last.shape[0] // width)
+        first, last = (_matrix(state, f"clip_project.model.{i}.weight", path) for i in (0, 2))
+        if last[0] % width or last[1] != first[0] or first[0] != last[0] // 2:
+            raise ClipCapImportError(f"{path}: the MLP mapper's shapes {first} and {last} are not ClipCap's "
+                                     f"Linear(C, P*{width}/2) -> Linear(P*{width}/2, P*{width}).")
+        return _within_limits(dict(mapper="mlp", clip_dim=first[1], prefix_length=last[0] // width), path)
     # transformer: clip tokens + a constant prefix through pre-LN layers
-    linear = _tensor(state, "clip_project.linear.weight", path)  # (C*D, clip_dim)
-    const = _tensor(state, "clip_project.prefix_const", path)  # (P, D)
+    linear = _matrix(state, "clip_project.linear.weight", path)  # (C*D, clip_dim)
+    const = _matrix(state, "clip_project.prefix_const", path)  # (P, D)
     layer_keys = [k for k in state if k.startswith("clip_project.transformer.layers.")]
     for k in layer_keys:  # clip_project.transformer.layers.<i>.<tensor>
         if not k.split(".")[3].isdecimal():  # "x", "" or "²" (a digit int() refuses)
             raise ClipCapImportError(f"{path}: {k} is not a layer's tensor (clip_project.transformer.layers.<number>."
                                      "<name>): is it one of the paper's files?")
     layers = {int(k.split(".")[3]) for k in layer_keys}
-    if linear.shape[0] % width or const.shape[1] != width or not layers or layers != set(range(len(layers))):
-        raise ClipCapImportError(f"{path}: the transformer mapper's shapes (linear {tuple(linear.shape)}, "
-                                 f"prefix_const {tuple(const.shape)}, layers {sorted(layers)}) do not fit "
-                                 f"GPT-2's width {width}.")
-    hidden = _tensor(state, "clip_project.transformer.layers.0.mlp.fc1.weight", path).shape[0]
-    return dict(mapper="transformer", clip_dim=linear.shape[1], clip_length=linear.shape[0] // width,
-                prefix_length=const.shape[0], num_layers=len(layers), mlp_ratio=hidden / width)
+    if linear[0] % width or const[1] != width or not layers or layers != set(range(len(layers))):
+        shown = sorted(layers) if len(layers) <= 10 else f"{len(layers)} numbered {min(layers)}..{max(layers)}"
+        raise ClipCapImportError(f"{path}: the transformer mapper's shapes (linear {linear}, prefix_const {const}, "
+                                 f"layers {shown}) do not fit GPT-2's width {width}.")
+    hidden = _matrix(state, "clip_project.transformer.layers.0.mlp.fc1.weight", path)[0]
+    return _within_limits(dict(mapper="transformer", clip_dim=linear[1], clip_length=linear[0] // width,
+                               prefix_length=const[0], num_layers=len(layers), mlp_ratio=hidden / width), path)
+
+
+def _matrix(state: dict, key: str, path: Path) -> tuple[int, int]:
+    """The shape of a 2-D tensor of the file, each side at least 1."""
+    shape = tuple(_tensor(state, key, path).shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ClipCapImportError(f"{path}: {key} has the shape {shape}, not a matrix with rows and columns (a layer "
+                                 "of zero width cannot be ClipCap's): is it one of the paper's files?")
+    return shape
+
+
+def _within_limits(found: dict, path: Path) -> dict:
+    """Refuse a file whose shapes ask for a mapper past what this course loads (bundle.MAPPER_LIMITS)."""
+    for key, value in found.items():
+        if key in MAPPER_LIMITS and value > MAPPER_LIMITS[key]:
+            raise ClipCapImportError(f"{path}: its shapes make {key} {value:,}, over the limit of "
+                                     f"{MAPPER_LIMITS[key]:,} this course loads (ClipCap's files have at most 40): "
+                                     "is it one of the paper's files?")
+    return found
 
 
 def _tensor(state: dict, key: str, path: Path) -> torch.Tensor:
@@ -160,12 +237,12 @@ def _guess_backbone(width: int, path: Path) -> str:
     return PAPER_BACKBONES[width]
 
 
-def _language_model(state: dict, name: str, offline: bool, models_dir: Path, path: Path):
+def _language_model(state: dict, name: str, offline: bool, path: Path):
     """GPT-2 built from `name`'s config (the hub's gpt2; offline the stand-in) holding the file's weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    source, recorded = language_model_source(name, offline, models_dir)
-    config = AutoConfig.from_pretrained(source)
+    source, recorded = language_model_source(name, offline)
+    config = AutoConfig.from_pretrained(source, **NO_REMOTE_CODE)
     lm = AutoModelForCausalLM.from_config(config)
     weights = {k.removeprefix("gpt."): v for k, v in state.items() if k.startswith("gpt.")}
     hint = ("Offline, the language model is the stand-in GPT-2: run with network, or pass --lm FOLDER holding "
@@ -173,7 +250,7 @@ def _language_model(state: dict, name: str, offline: bool, models_dir: Path, pat
             "Pass --lm naming the GPT-2 these weights were trained from.")
     tied = frozenset({"lm_head.weight"})  # GPT-2's output layer is its token embedding
     _load(lm, weights, f"the GPT-2 in {path} does not fit {recorded}", hint, tied)
-    return lm, AutoTokenizer.from_pretrained(source), recorded
+    return lm, load_tokenizer(source), recorded
 
 
 def _load(module: torch.nn.Module, weights: dict, what: str, hint: str, optional: frozenset = frozenset()) -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .captioner import image_name
 from .clip_encoder import encode_images
-from .images import UnreadableImage
+from .images import UnreadableImage, image_name
 
 
 def clip_score(model, preprocess, images: list, candidates: list[str], device, w: float = 2.5,

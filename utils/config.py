@@ -16,24 +16,29 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .errors import CourseError
 from .paths import default_data_dir
-from .controls import METHOD_ONLY  # settings only one method reads: the table of decoding controls
 
-DATASETS = ("embedded", "flickr30k", "food", "coco", "karpathy", "csv", "folder", "webdataset")
-Dataset = Literal["embedded", "flickr30k", "food", "coco", "karpathy", "csv", "folder", "webdataset"]
+DATASETS = ("embedded", "flickr30k", "flickr8k", "food", "coco", "karpathy", "csv", "folder", "webdataset", "hf")
+Dataset = Literal["embedded", "flickr30k", "flickr8k", "food", "coco", "karpathy", "csv", "folder", "webdataset", "hf"]
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
 
-class ConfigError(ValueError):
+class ConfigError(CourseError, ValueError):
     """A setting with a value it cannot take; the message names the setting, the value and what it may be."""
 
 
 def setting(default=dataclasses.MISSING, help: str = "", *, factory=None, min=None, above=None, max=None,
-            pattern: str | None = None, allowed: str | None = None):
+            pattern: str | None = None, allowed: str | None = None, read_by: tuple[str, ...] | None = None,
+            refused_elsewhere: bool = True):
     """A dataclass field with its help text and allowed range: `min` <= value (<= `max`), `above` < value,
-    or a string matching `pattern` (described to users as `allowed`). Choices are the field's `Literal` type."""
-    rules = {k: v for k, v in dict(min=min, above=above, max=max, pattern=pattern, allowed=allowed).items()
-             if v is not None}
+    or a string matching `pattern` (described to users as `allowed`). Choices are the field's `Literal` type.
+    DecodeConfig's fields say which decoding methods read them (`read_by`, default: all), and whether one
+    given with another method is refused (`refused_elsewhere`: see METHOD_ONLY)."""
+    rules = {k: v for k, v in dict(min=min, above=above, max=max, pattern=pattern, allowed=allowed,
+                                   read_by=read_by).items() if v is not None}
+    if read_by is not None:
+        rules["refused_elsewhere"] = refused_elsewhere
     metadata = {"help": help, **rules}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
@@ -100,7 +105,7 @@ class Settings:
         return []
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuntimeConfig(Settings):
     """Where the run happens and whether it may reach the model hubs."""
 
@@ -111,17 +116,32 @@ class RuntimeConfig(Settings):
     seed: int = setting(0, "seed of the weights' initialisation and the data order", min=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig(Settings):
     """Which captions and images to read. Splits are made by image, never by caption."""
 
     dataset: Dataset = setting("embedded", "which captions to read")
     data_dir: str = setting(help="downloads, caches, runs and models live here (CLIPCAP_DATA)",
                             factory=default_data_dir)
-    path: str | None = setting(None, "captions file, image folder or shard glob (found for downloads)")
+    path: str | None = setting(None, "captions file, image folder or shard glob (found for downloads); hf: a Hub "
+                                     "name (nlphuji/flickr30k), a save_to_disk folder, parquet files or a glob")
     images_dir: str | None = setting(None, "where the images named in --path are (default: beside it)")
-    image_column: str = setting("image", "csv: column holding the image file name")
-    caption_column: str = setting("caption", "csv: column holding the caption")
+    image_column: str = setting("image", "csv, hf: column holding the image (csv: its file name; hf: an Image "
+                                         "feature, a path or a URL)")
+    caption_column: str = setting("caption", "csv, hf: column holding the caption (hf: text or a list of texts; "
+                                             "several columns as caption_0,caption_1 or caption_*)")
+    split_column: str | None = setting(None, "hf: column holding each row's split (default: 'split' when the table "
+                                             "has one; else the table's own splits, else by image)")
+    split_values: str = setting("train=train,restval=train,val=val,validation=val,valid=val,dev=val,test=test",
+                                "hf: how split values (the column's, or the table's split names) map onto "
+                                "train / val / test, as value=split pairs")
+    hf_subset: str | None = setting(None, "hf: the set's configuration (subset) name, for Hub sets that have several")
+    hf_split: str | None = setting(None, "hf: read only this split of the set, e.g. train or train+test "
+                                         "(default: all of them)")
+    revision: str | None = setting(None, "hf: the Hub revision (branch, tag or commit) to read; pin it for "
+                                         "results others can repeat")
+    streaming: bool = setting(False, "hf: read the set row by row without storing the table (sets larger than "
+                                     "memory or disk); images are still written once under data_dir/hf-images")
     separator: str = setting(",", "csv: field separator")
     encoding: str | None = setting(None, "text encoding of captions files (default: UTF-8, or what a byte-order "
                                    "mark says; a file that is not UTF-8 is named with the encoding that reads it)")
@@ -137,7 +157,7 @@ class DataConfig(Settings):
         return []
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeatureConfig(Settings):
     """How CLIP image embeddings are computed and cached (once per dataset and backbone)."""
 
@@ -153,7 +173,7 @@ Mapper = Literal["transformer", "mlp"]
 Freeze = Literal["frozen", "full", "partial"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig(Settings):
     """The captioner's shape. Saved inside every checkpoint and bundle and read back on loading, so
     training and inference can never disagree on CLIP width, prefix length or normalisation."""
@@ -180,10 +200,11 @@ class ModelConfig(Settings):
 
 
 Decay = Literal["linear", "cosine", "constant"]
+Keep = Literal["all", "history"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(Settings):
     """The training loop: AdamW under linear warm-up, then decay, as ClipCap trains."""
 
@@ -219,7 +240,9 @@ class TrainConfig(Settings):
     resume: bool | Literal["auto"] = setting(False, "continue the run in --out-dir from its checkpoint.pt (refused "
                                                     "when there is none; in Python, resume='auto' continues one if "
                                                     "there is one, else starts)")
-    num_workers: int = setting(0, "train: unused (batches come from the in-memory feature cache)", min=0)
+    keep: Keep = setting("all", "what a finished run keeps: all (checkpoint.pt to resume or extend it, best.pt, the "
+                                "captioner bundle); history (history.json and summary.json only: for comparison "
+                                "runs; checkpoints are written while it trains, so an interrupted run resumes)")
     watch_images: int = setting(8, "validation images captioned at every evaluation, to watch captions improve",
                                 min=0)
     collapse_warning: float = setting(0.5, "after the warm-up, warn when the watched captions' distinct share stays "
@@ -240,7 +263,7 @@ class DecodeConfigError(ConfigError):
     """Decoding settings that contradict each other; the message says which and what to change."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeConfig(Settings):
     """How a caption is read out of the LM; transformers' `generate()` does the decoding.
 
@@ -253,18 +276,22 @@ class DecodeConfig(Settings):
 
     method: Method = setting("greedy", "greedy: the likeliest token each step; beam: the best of --num-beams "
                                        "captions; sample: draw each token")
-    num_beams: int = setting(5, "beam: captions kept at each step")
-    length_penalty: float = setting(1.0, "beam: ranks by log-prob / length**length_penalty (>1 favours longer)")
-    temperature: float = setting(1.0, "sample: <1 sharpens the distribution (towards greedy), >1 flattens it")
-    top_k: int = setting(0, "sample: draw only from the k likeliest tokens (0: from all)", min=0)
+    num_beams: int = setting(5, "beam: captions kept at each step", read_by=("beam",))
+    length_penalty: float = setting(1.0, "beam: ranks by log-prob / length**length_penalty (>1 favours longer)",
+                                    read_by=("beam",))
+    temperature: float = setting(1.0, "sample: <1 sharpens the distribution (towards greedy), >1 flattens it",
+                                 read_by=("sample",))
+    top_k: int = setting(0, "sample: draw only from the k likeliest tokens (0: from all)", min=0, read_by=("sample",))
     top_p: float = setting(1.0, "sample: draw only from the likeliest tokens holding this much probability (1: all)",
-                           above=0, max=1)
+                           above=0, max=1, read_by=("sample",))
     repetition_penalty: float = setting(1.0, ">1 makes tokens already in the caption less likely", above=0)
     no_repeat_ngram_size: int = setting(0, "never repeat an n-gram of this many tokens (0: allowed)", min=0)
     max_new_tokens: int | None = setting(None, "longest caption in tokens (default: the captioner's "
                                                "max_caption_tokens)", min=1)
-    num_return_sequences: int = setting(1, "captions per image: sample draws N, beam returns its N best")
-    seed: int | None = setting(None, "sample: the same seed gives the same captions (default: a new draw each call)")
+    num_return_sequences: int = setting(1, "captions per image: sample draws N, beam returns its N best",
+                                        read_by=("beam", "sample"), refused_elsewhere=False)  # greedy: conflicts()
+    seed: int | None = setting(None, "sample: the same seed gives the same captions (default: a new draw each call)",
+                               read_by=("sample",), refused_elsewhere=False)  # harmless elsewhere: --seed seeds runs
     stop_at_period: bool = setting(False, "also stop after the first '.' (EOS always stops a caption)")
 
     def conflicts(self) -> list[str]:
@@ -281,6 +308,19 @@ class DecodeConfig(Settings):
             problems.append(f"beam search returns at most num_beams ({self.num_beams}) captions, not "
                             f"num_return_sequences={self.num_return_sequences}")
         return problems
+
+
+# Which decoding methods read a DecodeConfig field (a field not here: every method), stated once, on the fields.
+READ_BY = {f.name: f.metadata["read_by"] for f in dataclasses.fields(DecodeConfig) if "read_by" in f.metadata}
+# Settings that only one method reads: given to another, decode_config refuses them rather than leave them unused.
+METHOD_ONLY = {f.name: f.metadata["read_by"][0] for f in dataclasses.fields(DecodeConfig)
+               if f.metadata.get("refused_elsewhere")}
+assert all(len(READ_BY[name]) == 1 for name in METHOD_ONLY), "a refused setting names one method"
+
+
+def reads(method: str, field: str) -> bool:
+    """Whether decoding with `method` reads the DecodeConfig field."""
+    return method in READ_BY.get(field, DECODE_METHODS)
 
 
 def decode_config(base: DecodeConfig | None = None, **given) -> DecodeConfig:
@@ -309,6 +349,17 @@ def standin_preset() -> tuple[ModelConfig, TrainConfig]:
     """
     return (ModelConfig(freeze="full", num_heads=4),
             TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_steps=100, log_every=5))
+
+
+def default_configs(offline: bool) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training settings the course starts from: offline, the stand-in preset."""
+    return standin_preset() if offline else (ModelConfig(), TrainConfig())
+
+
+def run_freeze(model: ModelConfig, offline: bool) -> str | None:
+    """The freeze that names a run's folder (paths.run_dir): None at the course's own setting, so the main job,
+    the notebooks and `train` share one run; another freeze trains in a folder of its own."""
+    return None if model.freeze == default_configs(offline)[0].freeze else model.freeze
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),

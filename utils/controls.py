@@ -1,24 +1,20 @@
 """The one table of decoding controls, and the two rules every front end shares.
 
-The notebook explorer (`widgets.py`), the web demo (`serve.py` and its page) and `config.METHOD_ONLY` are all
-built from `CONTROLS`: which decoding method reads which setting, each knob's label, range, step and first
-value are stated here only. The page's JavaScript receives the table as JSON from the server.
+The notebook explorer (`widgets.py`) and the web demo (`serve.py` and its page) are built from `CONTROLS`:
+each knob's label, range, step and first value are stated here only; which decoding methods read a setting is
+DecodeConfig's to say (`config.READ_BY`). The page's JavaScript receives the table as JSON from the server.
 
 - `decode_from_controls(method, values, base)`: the values a front end's knobs hold -> a `DecodeConfig`;
 - `caption_call(decode)`: a `DecodeConfig` -> the `captioner.caption(...)` call that gives the same captions.
-
-`config.py` builds METHOD_ONLY from this table, so this module imports `config` only inside the functions
-that need `DecodeConfig` (an import at the top would be a cycle).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
-if TYPE_CHECKING:
-    from .config import DecodeConfig
+from .config import READ_BY, DecodeConfig, DecodeConfigError, decode_config, reads
 
 METHODS = {"greedy": "the likeliest word at each step", "beam": "keeps the best few captions so far",
            "sample": "draws each word at random"}
@@ -34,42 +30,31 @@ class Control:
     low: float  # a knob, and a request to the demo, stay within [low, high]
     high: float
     step: float
-    methods: tuple[str, ...]  # the decoding methods that read it; the others grey it out and never pass it
     default: float | None = None  # the knob's first value where the settings it starts from hold DecodeConfig's
     # default (None: that default itself)
     knob: bool = True  # shown on the page and in the explorer (False: set in code or with its CLI flag)
     widget: str = "slider"  # slider | number (a box to type in: the seed)
-    refused_elsewhere: bool = True  # given with another method, decode_config refuses it (METHOD_ONLY)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The decoding methods that read it (DecodeConfig says); the others grey it out and never pass it."""
+        return READ_BY[self.field]
 
 
 CONTROLS: dict[str, Control] = {c.field: c for c in (
-    Control("temperature", "temperature", float, 0.05, 2.0, 0.05, ("sample",)),
-    Control("top_p", "top-p", float, 0.05, 1.0, 0.05, ("sample",)),
-    Control("num_beams", "beams", int, 1, 10, 1, ("beam",)),
-    Control("num_return_sequences", "captions", int, 1, 10, 1, ("beam", "sample"), default=3,
-            refused_elsewhere=False),  # greedy: DecodeConfig itself refuses more than one
-    Control("seed", "seed", int, 0, 2**31 - 1, 1, ("sample",), default=0, widget="number",
-            refused_elsewhere=False),  # harmless elsewhere: the CLI's --seed seeds every run
-    Control("length_penalty", "length penalty", float, -2.0, 2.0, 0.1, ("beam",), knob=False),
-    Control("top_k", "top-k", int, 0, 200, 1, ("sample",), knob=False),
+    Control("temperature", "temperature", float, 0.05, 2.0, 0.05),
+    Control("top_p", "top-p", float, 0.05, 1.0, 0.05),
+    Control("num_beams", "beams", int, 1, 10, 1),
+    Control("num_return_sequences", "captions", int, 1, 10, 1, default=3),
+    Control("seed", "seed", int, 0, 2**31 - 1, 1, default=0, widget="number"),
+    Control("length_penalty", "length penalty", float, -2.0, 2.0, 0.1, knob=False),
+    Control("top_k", "top-k", int, 0, 200, 1, knob=False),
 )}
 KNOBS = {field: c for field, c in CONTROLS.items() if c.knob}  # the controls the page and the explorer show
-
-# Settings that only one method reads: given to another, decode_config refuses them rather than leave them unused.
-METHOD_ONLY = {field: c.methods[0] for field, c in CONTROLS.items() if c.refused_elsewhere}
-assert all(len(CONTROLS[field].methods) == 1 for field in METHOD_ONLY), "a refused setting names one method"
-
-
-def reads(method: str, field: str) -> bool:
-    """Whether decoding with `method` reads the DecodeConfig field (a field not in the table: every method)."""
-    control = CONTROLS.get(field)
-    return control is None or method in control.methods
 
 
 def start_values(base: DecodeConfig | None = None) -> dict:
     """Each knob's first value: `base`'s setting, or the table's default where `base` keeps DecodeConfig's."""
-    from .config import DecodeConfig
-
     default = DecodeConfig()
     base = base or default
     values = {}
@@ -92,8 +77,6 @@ def table_json() -> dict:
 def parse_value(control: Control, value) -> float | int:
     """A knob's value (a number, or the text a form sent) as its kind, within its range; DecodeConfigError
     saying what is wrong otherwise."""
-    from .config import DecodeConfigError
-
     try:
         number = control.kind(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
@@ -112,8 +95,6 @@ def decode_from_controls(method: str, values: Mapping, base: DecodeConfig | None
     `base`'s setting. Beam search returns at most num_beams captions, and greedy decoding one, so the
     captions knob is cut to that. DecodeConfigError says what is wrong with a value.
     """
-    from .config import DecodeConfig, decode_config
-
     base = base or DecodeConfig()
     given = {"method": method}
     for field, c in KNOBS.items():
@@ -132,8 +113,6 @@ def decode_from_controls(method: str, values: Mapping, base: DecodeConfig | None
 def caption_call(decode: DecodeConfig, images: str = "[image]") -> str:
     """The Python call that gives the same captions as `decode`: the method, the knobs it reads, and every
     other setting it reads that is not DecodeConfig's default (max_new_tokens, repetition_penalty, ...)."""
-    from .config import DecodeConfig
-
     default = DecodeConfig()
     settings = {"method": decode.method}
     for f in dataclasses.fields(DecodeConfig):

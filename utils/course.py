@@ -7,17 +7,25 @@ is encoded again) and an unfinished one continued; a finished training run is re
 one resumed from its last checkpoint. `fresh=True` (`--fresh`) keeps the earlier run under another name
 and trains a new one. `python -m utils course` (and `bash course.sh main`) only parse flags into the
 configs and call this.
+
+`run_notebooks(...)` is README's run-all loop: the five notebooks in order with papermill, stopping at the
+first that fails or is interrupted with one message saying which cell, and how to continue.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DataConfig, DecodeConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig, standin_preset
+from .config import (DataConfig, DecodeConfig, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
+                     default_configs, run_freeze)
 from .files import read_json
-from .paths import bundle_dir, models_dir, run_dir
+from .paths import bundle_dir, default_cache_dir, models_dir, run_dir
 from .runtime import announce_offline, is_offline
 
 EXAMPLES = 5  # test images captioned at the end, to read
@@ -34,11 +42,6 @@ class CourseResult:
     captions: list[dict] = field(default_factory=list)  # caption_files() results of a few test images
     done: dict[str, str] = field(default_factory=dict)  # stage -> "made" | "reused" | "continued"
     set_aside: Path | None = None  # fresh=True: where the earlier run was moved
-
-
-def default_configs(offline: bool) -> tuple[ModelConfig, TrainConfig]:
-    """The model and training settings the course starts from: offline, the stand-in preset."""
-    return standin_preset() if offline else (ModelConfig(), TrainConfig())
 
 
 def load_captions(data: DataConfig, runtime: RuntimeConfig, say=print):
@@ -70,10 +73,20 @@ def report_cache(cache, say=print) -> None:
 
 
 def training_report(result) -> str:
-    """The lines a finished training prints: steps, best validation loss, where the bundle is."""
+    """The lines a finished training prints: this session's steps and time (a resumed run says from where), the
+    best validation loss, where the bundle is."""
     val = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a (no validation split)"
-    return (f"trained {result.steps} steps; best validation loss {val}\ncaptioner bundle: {result.bundle}\n"
-            f"history: {result.out_dir / 'history.json'}")
+    session = result.steps - result.first_step
+    if result.resumed and not session:
+        done = f"the run had finished: {result.steps} optimiser steps, nothing left to train"
+    elif result.resumed:
+        done = f"resumed at step {result.first_step}: trained {session} steps in this session, to step {result.steps}"
+    else:
+        done = f"trained {result.steps} steps"
+    if session:
+        done += f" ({result.seconds / 60:.1f} min)"
+    bundle = f"captioner bundle: {result.bundle}\n" if result.bundle else ""
+    return f"{done}; best validation loss {val}\n{bundle}history: {result.out_dir / 'history.json'}"
 
 
 def cache_state(out: Path) -> str:
@@ -112,14 +125,16 @@ def run_course(data: DataConfig | None = None, features: FeatureConfig | None = 
     """Download, cache CLIP features, train, caption a few test images and score the test split.
 
     model / train default to `default_configs` (offline: the stand-in preset). The run goes to
-    train.out_dir, else <data>/runs/<dataset>-<mapper>. Returns the paths made and the scores.
+    train.out_dir, else <data>/runs/<dataset>-<mapper> (-<freeze> when model.freeze is not the default's), the
+    folder notebooks 03-05 use at their default parameters. Returns the paths made and the scores.
     """
     from .captioner import Captioner
     from .calibration import closing_report
-    from .evaluation import METRICS, evaluate_split
-    from .features import cache_features, default_cache_dir, load_cache
+    from .evaluation import evaluate_split
+    from .metrics import METRICS
+    from .features import cache_features, load_cache
     from .runtime import resolve_device
-    from .training import TrainingError
+    from .errors import TrainingError
     from .training import train as train_captioner
 
     data, features, runtime = data or DataConfig(), features or FeatureConfig(), runtime or RuntimeConfig()
@@ -146,7 +161,9 @@ def run_course(data: DataConfig | None = None, features: FeatureConfig | None = 
     report_cache(cache, say)
 
     say("== 3/5 train the mapper ==")
-    run = Path(train.out_dir) if train.out_dir else run_dir(data.data_dir, data.dataset, model.mapper)
+    # a freeze other than the course's default trains in a folder of its own (as a notebook's `freeze` does)
+    run = Path(train.out_dir) if train.out_dir else run_dir(data.data_dir, data.dataset, model.mapper,
+                                                            run_freeze(model, offline))
     aside = None
     if fresh and run.exists() and any(run.iterdir()):
         aside = set_aside(run)
@@ -201,3 +218,104 @@ def run_course(data: DataConfig | None = None, features: FeatureConfig | None = 
     say(f"scores and per-image captions written to {out}")
     say("done: " + ", ".join(f"{stage} {what}" for stage, what in done.items()))
     return course
+
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+class NotebookStopped(RuntimeError):
+    """A notebook of the run-all loop failed or was interrupted: the message names it, the cell, and what to do;
+    the notebooks after it did not run."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows this instead of a traceback
+        return [f"NotebookStopped: {self}"]
+
+
+def _child_processes() -> list[int]:
+    """The processes this one started (the notebook's kernel, under papermill); Linux's /proc, else none."""
+    me, children = os.getpid(), []
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == me:
+                children.append(int(entry.name))
+    return children
+
+
+def _stopped(path: Path, executed: Path, exc, rest: list[str]) -> NotebookStopped:
+    """The one message of a notebook that raised: interrupted (with how to continue) or failed."""
+    after = f" {', '.join(rest)} did not run." if rest else ""
+    cell = f"cell In [{exc.exec_count}]"
+    if exc.ename == "TrainingInterrupted":
+        return NotebookStopped(
+            f"{path.name} was INTERRUPTED during training, at its {cell}: {exc.evalue}\nTo continue, run the loop "
+            f"again: {path.name} resumes the training from that checkpoint (its resume='auto'), then the rest runs."
+            f"{after} The executed copy, with the same line, is {executed}.")
+    if exc.ename == "KeyboardInterrupt":
+        return NotebookStopped(
+            f"{path.name} was INTERRUPTED at its {cell}.{after} To continue, run the loop again: what is finished is "
+            f"reused and a feature cache continues from its last chunk. The executed copy is {executed}.")
+    fix = ("\nThe run folder holds a run made with other settings: give the parameters the run's settings again, "
+           "or name a `freeze` (it trains in a folder of its own), or move that folder aside and run the loop again."
+           if exc.ename == "TrainingError" and "cannot resume" in str(exc.evalue) else "")
+    return NotebookStopped(f"{path.name} FAILED at its {cell}: {exc.ename}: {exc.evalue}{fix}\n{after.strip()} The "
+                           f"executed copy {executed} shows the cell and its output.")
+
+
+def run_notebooks(out_dir: str | Path, parameters: dict | None = None, notebooks: list[str | Path] | None = None,
+                  kernel_name: str | None = None, say=print) -> list[Path]:
+    """Run the course's notebooks in order with papermill (README's run-all loop), each with the `parameters`
+    it declares, writing the executed copies (with their figures) into `out_dir`; returns their paths.
+
+    Stops at the first notebook that fails or is interrupted, raising NotebookStopped with one message: which
+    notebook and cell, the error or the resume line of an interrupted training, and which notebooks did not
+    run. Ctrl-C (Jupyter's Interrupt) while a notebook runs is passed on to that notebook's kernel, so its
+    training writes a checkpoint and says how to continue, as it does when run by hand.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    paths = [Path(p) for p in notebooks] if notebooks is not None else sorted(NOTEBOOKS_DIR.glob("[0-9]*.ipynb"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    asked: list[int] = []
+
+    def forward(signum, _frame):  # Interrupt: the running notebook's kernel stops as Ctrl-C stops it in Jupyter
+        asked.append(signum)
+        if len(asked) >= 3:  # asked three times: stop the loop itself
+            raise KeyboardInterrupt
+        for pid in _child_processes():
+            try:
+                os.kill(pid, signal.SIGINT)
+            except OSError:
+                pass
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, forward) if main_thread else None
+    done: list[Path] = []
+    try:
+        for k, path in enumerate(paths):
+            rest = [p.name for p in paths[k + 1:]]
+            if asked:
+                raise NotebookStopped(f"interrupted before {path.name}: it and {', '.join(rest) or 'nothing else'} "
+                                      "did not run. Run the loop again to continue.")
+            executed = out / path.name
+            declared = papermill.inspect_notebook(str(path))
+            given = {name: value for name, value in (parameters or {}).items() if name in declared}
+            say(f"== {path.name} -> {executed}")
+            start = time.perf_counter()
+            try:
+                papermill.execute_notebook(str(path), str(executed), parameters=given, cwd=str(path.parent),
+                                           kernel_name=kernel_name, progress_bar=False)
+            except PapermillExecutionError as exc:
+                raise _stopped(path, executed, exc, rest) from None
+            say(f"   {path.name} ran in {time.perf_counter() - start:.0f} s")
+            done.append(executed)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    return done

@@ -20,12 +20,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import DATASETS
+from .errors import CourseError
 from .files import atomic_path, read_json, write_json, write_text
 
-KAGGLE_DATASETS = {"flickr30k": "hsankesara/flickr-image-dataset",
+KAGGLE_DATASETS = {"flickr30k": "hsankesara/flickr-image-dataset", "flickr8k": "adityajn105/flickr8k",
                    "food": "zeynaloy/food-related-pictures-dataset-with-captions"}
 # A file that identifies a dataset even when its folder was renamed (e.g. a re-uploaded copy).
-TELLTALES = {"flickr30k": "results.csv"}
+TELLTALES = {"flickr30k": "results.csv", "flickr8k": "captions.txt"}
 # Formats read from the user's own files (--path): there is nothing to fetch for them.
 LOCAL_FORMATS = tuple(d for d in DATASETS if d != "embedded" and d not in KAGGLE_DATASETS)
 HANDLE = re.compile(r"^[\w.-]+/[\w.-]+(/versions/\d+)?$")  # owner/slug or owner/slug/versions/N
@@ -52,7 +53,7 @@ def offline_help(dataset: str) -> str:
             "with --dataset embedded")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(CourseError, RuntimeError):
     """A download that cannot go on; the message says what failed and what to do."""
 
 
@@ -319,8 +320,6 @@ def download_coco(data_dir: str | Path, split: str = "train2014", max_images: in
     parallel threads. Resumable: every file is written whole under a temporary name, and what is already
     there is skipped. Each failed image is counted and listed in data_dir/coco/<split>-failed.csv; a rerun
     tries those again. Returns the captions JSON the COCO reader takes (only the images asked for)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     if split not in COCO_SPLITS:
         raise DownloadError(f"unknown COCO split {split!r}: use one of {', '.join(COCO_SPLITS)}")
     root = Path(data_dir) / "coco"
@@ -347,21 +346,36 @@ def download_coco(data_dir: str | Path, split: str = "train2014", max_images: in
     print(f"COCO {split}: {len(images)} images asked for, {len(images) - len(todo)} already here, "
           f"{len(todo)} to download into {images_dir} ({workers} at a time)")
 
-    def one(img: dict) -> tuple[dict, str | None]:
+    report = root / f"{split}-failed.csv"
+    failed = fetch_all([(img["file_name"], url_of(img), images_dir / img["file_name"]) for img in todo], report,
+                       workers)
+    print(f"COCO {split}: {len(images) - len(failed)} of {len(images)} images on disk, {len(failed)} failed"
+          + (f" (listed in {report}; rerun to try them again)" if failed else "") +
+          f"\nread it with: python -m utils features --dataset coco --path {captions_path}")
+    return captions_path
+
+
+def fetch_all(todo: list[tuple[str, str, Path]], report: Path, workers: int = COCO_WORKERS,
+              check=_check_image) -> list[tuple[str, str, str]]:
+    """Fetch each (name, url, dest) in parallel threads, every file whole or not at all (`_fetch`). Returns
+    the failures as (name, url, reason); they are printed (the first 10) and listed in the CSV `report`
+    (removed when none failed), so a rerun, which skips what is there, tries them again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item: tuple[str, str, Path]) -> tuple[tuple[str, str, Path], str | None]:
         try:
-            _fetch(url_of(img), images_dir / img["file_name"], check=_check_image)
-            return img, None
+            _fetch(item[1], item[2], check=check)
+            return item, None
         except DownloadError as exc:
-            return img, str(exc)
+            return item, str(exc)
 
     failed: list[tuple[str, str, str]] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, (img, error) in enumerate(pool.map(one, todo), start=1):
+        for done, ((name, url, _), error) in enumerate(pool.map(one, todo), start=1):
             if error:
-                failed.append((img["file_name"], url_of(img), error))
+                failed.append((name, url, error))
             if done % 500 == 0 or done == len(todo):
                 print(f"  {done}/{len(todo)} tried, {len(failed)} failed", flush=True)
-    report = root / f"{split}-failed.csv"
     if failed:
         import csv
         import io
@@ -375,7 +389,4 @@ def download_coco(data_dir: str | Path, split: str = "train2014", max_images: in
             print(f"  ... and {len(failed) - 10} more")
     else:
         report.unlink(missing_ok=True)
-    print(f"COCO {split}: {len(images) - len(failed)} of {len(images)} images on disk, {len(failed)} failed"
-          + (f" (listed in {report}; rerun to try them again)" if failed else "") +
-          f"\nread it with: python -m utils features --dataset coco --path {captions_path}")
-    return captions_path
+    return failed

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,13 +28,15 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import __version__
-from .clip_encoder import STORED_DTYPE, encode_batches, load_clip, precision
+from .bundle import find_training_cache
+from .clip_encoder import STORED_DTYPE, encode_batches, precision
 from .config import DataConfig, FeatureConfig, RuntimeConfig
-from .records import Captions, file_stamp
+from .errors import CourseError
+from .records import Captions, restamp
 from .files import atomic_path, read_json, write_json
-from .paths import features_dir, models_dir
+from .paths import default_cache_dir, models_dir
 from .runtime import is_offline, resolve_device
-from .standins import clip_standin_name
+from .sources import load_clip
 
 FORMAT_VERSION = 1
 # Settings that decide what the numbers in features.npy mean: a cache that differs in any is refused.
@@ -43,7 +44,7 @@ _MUST_MATCH = ("format_version", "backbone", "clip_dim", "image_resolution", "dt
                "images_fingerprint", "chunk_size")
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(CourseError, RuntimeError):
     """A cache that cannot be used as asked: made with other settings, or incomplete."""
 
 
@@ -61,31 +62,6 @@ class FeatureCache:
     def split(self, name: str) -> pd.DataFrame:
         """The caption rows of one split ('train', 'val', 'test')."""
         return self.captions[self.captions["split"] == name]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
-
-
-def source_key(data: DataConfig) -> str | None:
-    """A short hash of the captions file and images folder a set is read from (None for a download or the
-    embedded set, which have one place in a data folder): two sets never share a cache folder."""
-    given = [os.path.abspath(os.path.expanduser(p)) for p in (data.path, data.images_dir) if p]
-    if not given:
-        return None
-    return hashlib.sha256("\n".join([data.dataset, *given]).encode("utf-8", "surrogateescape")).hexdigest()[:8]
-
-
-def default_cache_dir(data: DataConfig, backbone: str, offline: bool = False) -> Path:
-    """data_dir/features/<dataset>-<backbone> for a download or the embedded set; for a set read from
-    --path, <dataset>-<file name>-<hash of file and images folder>-<backbone>. Offline the stand-in's
-    name stands for the backbone, so real and stand-in features never mix."""
-    slug = _slug(clip_standin_name(backbone) if offline else backbone)
-    key = source_key(data)
-    if key is None:
-        return features_dir(data.data_dir) / f"{data.dataset}-{slug}"
-    stem = _slug(Path(data.path).stem if data.path else "images")[:40]
-    return features_dir(data.data_dir) / f"{data.dataset}-{stem}-{key}-{slug}"
 
 
 def _refuse_all_missing(captions: Captions, paths: list[str]) -> None:
@@ -125,11 +101,12 @@ def cache_features(captions: Captions, cfg: FeatureConfig, data: DataConfig,
 
     chunks_dir = out / "chunks"
     n_chunks = -(-len(images) // cfg.chunk_size)
-    todo = [k for k in range(n_chunks) if not (chunks_dir / f"{k:05d}.npz").is_file()]
-    if not (out / "features.npy").is_file() and todo:
-        _fill_chunks(model, preprocess, paths, todo, cfg, device, chunks_dir, done=n_chunks - len(todo))
-    if not (out / "features.npy").is_file():
+    if not _finished(out, read_json(out / "meta.json")):  # anything short of the marker is done again
+        todo = [k for k in range(n_chunks) if not (chunks_dir / f"{k:05d}.npz").is_file()]
+        if todo:
+            _fill_chunks(model, preprocess, paths, todo, cfg, device, chunks_dir, done=n_chunks - len(todo))
         _finalize(out, images, n_chunks)
+    shutil.rmtree(chunks_dir, ignore_errors=True)  # joined into features.npy (left by a run cut after the marker)
     if read_json(out / "meta.json")["num_images"] == 0:
         _refuse_empty(out, len(images))
     _write_captions_index(out, captions)
@@ -187,7 +164,9 @@ def _save_chunk(path: Path, rows, feats, bad) -> None:
 
 
 def _finalize(out: Path, images, n_chunks: int) -> None:
-    """Join the chunks into features.npy + images.csv + skipped.csv, then drop the chunks."""
+    """Join the chunks into features.npy + images.csv + skipped.csv, then mark meta.json complete: the
+    completion marker, written after everything it vouches for. The chunks stay until the marker is written,
+    so a run cut anywhere before it (kill -9 included) is finished by the next run from the same chunks."""
     rows, feats, bad = [], [], []
     for k in range(n_chunks):
         with np.load(out / "chunks" / f"{k:05d}.npz", allow_pickle=False) as z:
@@ -206,13 +185,26 @@ def _finalize(out: Path, images, n_chunks: int) -> None:
     _write_csv(out / "skipped.csv", skipped)
     with atomic_path(out / "features.npy") as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, feats)
+            np.save(_Writes(f), feats)
     meta = read_json(out / "meta.json")
     meta.update(complete=True, num_images=len(index), num_skipped=len(skipped))
     write_json(out / "meta.json", meta)
-    for k in range(n_chunks):
-        (out / "chunks" / f"{k:05d}.npz").unlink()
-    (out / "chunks").rmdir()
+
+
+class _Writes:
+    """A file numpy writes through `write()`: to a real file it writes with C's fwrite, whose short write on a
+    full disk says only "N requested and M written"; through write() the disk's own error (ENOSPC) reaches
+    files.atomic_path, which says what happened and that nothing was replaced."""
+
+    def __init__(self, f):
+        self.write = f.write
+
+
+def _finished(out: Path, meta: dict) -> bool:
+    """Whether `_finalize` completed: its marker (meta.json's "complete", with the counts) and the files it
+    vouches for are all there."""
+    return bool(meta.get("complete")) and "num_images" in meta and \
+        all((out / name).is_file() for name in ("features.npy", "images.csv", "skipped.csv"))
 
 
 def _write_captions_index(out: Path, captions: Captions) -> None:
@@ -233,7 +225,8 @@ def _check_captions_file(path: Path, meta: dict) -> None:
     """Refuse a cache whose captions file was edited after it was read (ClipCap reused a token cache keyed
     by file name after the data changed); a file no longer there is fine: the cache holds its captions."""
     stamp = meta.get("captions_file")
-    if stamp and Path(stamp["path"]).is_file() and file_stamp(stamp["path"]) != stamp:
+    now = restamp(stamp) if stamp else None
+    if now is not None and now != stamp:
         raise FeatureCacheError(f"{stamp['path']} changed after the feature cache at {path} read its captions: "
                                 "rerun `python -m utils features` with the flags that made the cache (or notebook "
                                 "02) to read them again; no image is encoded again.")
@@ -299,7 +292,7 @@ def load_cache(path: str | Path, backbone: str | None = None) -> FeatureCache:
     if meta.get("format_version") != FORMAT_VERSION:
         raise FeatureCacheError(f"{path} is a version {meta.get('format_version')} cache; this course reads "
                                 f"version {FORMAT_VERSION}. Delete it and run `python -m utils features`.")
-    if not meta.get("complete") or not (path / "features.npy").is_file():
+    if not _finished(path, meta) or "num_captions" not in meta or not (path / "captions.csv").is_file():
         raise FeatureCacheError(f"The feature cache at {path} is incomplete (interrupted?): rerun "
                                 "`python -m utils features` with the same settings to finish it.")
     _check_captions_file(path, meta)
@@ -315,3 +308,29 @@ def load_cache(path: str | Path, backbone: str | None = None) -> FeatureCache:
     return FeatureCache(path, meta, features, images,
                         pd.read_csv(path / "captions.csv", dtype={"image_id": str}, keep_default_na=False),
                         pd.read_csv(path / "skipped.csv", dtype={"image_id": str}))
+
+
+def training_cache(captioner, data: str | Path | None = None) -> FeatureCache:
+    """The feature cache a captioner was trained on (its bundle's summary names it), found on this machine even
+    after its data folder moved (bundle.find_training_cache; CaptionerError says where it looked). Its images
+    are read where they now are: an image path under the data folder it was made in that is not there any more
+    is taken from the same place under the folder it is in now."""
+    summary = getattr(captioner, "summary", {})
+    path = find_training_cache(summary, getattr(captioner, "bundle_path", None), data)
+    cache = load_cache(path)
+    made_in, recorded = summary.get("data_dir"), Path(summary["features"])
+    if made_in and not recorded.is_absolute():
+        now_in = path.parents[len(recorded.parts) - 1]
+        if Path(made_in) != now_in:
+            cache.images["image_path"] = [_moved(p, made_in, now_in) for p in cache.images["image_path"]]
+    return cache
+
+
+def _moved(image: str, made_in: str, now_in: Path) -> str:
+    """`image` (a path, or "<shard.tar>::<member>"), re-rooted from `made_in` to `now_in` when only the
+    re-rooted one is there."""
+    file, _, member = image.partition("::")
+    if not file.startswith(made_in.rstrip("/") + "/") or Path(file).exists():
+        return image
+    moved = now_in / Path(file).relative_to(made_in)
+    return (str(moved) + ("::" + member if member else "")) if moved.exists() else image

@@ -13,9 +13,24 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import CourseError
 
-class DiskFull(OSError):
+
+class DiskFull(CourseError, OSError):
     """The disk filled up while writing; what was there before is untouched."""
+
+
+LOW_SPACE = 1 << 20  # a write that fails with less room than this left on its disk failed for want of room
+
+
+def _out_of_space(folder: Path) -> bool:
+    """Whether the filesystem holding `folder` is (next to) full. Some writers do not pass the kernel's ENOSPC
+    on: numpy's fwrite says "N requested and M written", safetensors its own error, torch's zip writer
+    "unexpected pos"; the room left says what they meant."""
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -23,10 +38,12 @@ def _disk_full_says_so(dest: Path):
     """Turn a full disk into one message: the writers below never replace anything before they finish."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as exc:
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full and not _out_of_space(dest.parent):
             raise
-        raise DiskFull(exc.errno, f"no space left on device while writing {dest}; nothing was replaced, so "
+        raise DiskFull(errno.ENOSPC if not full else exc.errno,
+                       f"no space left on device while writing {dest}; nothing was replaced, so "
                        f"what was saved before is intact. Free some space (df -h {dest.parent}) and run the "
                        "same command again: finished work is reused (training: add --resume).") from None
 
@@ -85,3 +102,21 @@ def write_json(dest: str | os.PathLike, obj) -> Path:
 
 def read_json(path: str | os.PathLike):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """What the files under `folder` take (0 when it does not exist); links are not followed."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Free space on the disk `folder` is (or will be) on: the nearest folder of it that exists is asked."""
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, RuntimeConfig, TrainConfig
+from .config import ModelConfig, RuntimeConfig, TrainConfig, run_freeze
 from .files import read_json
 from .paths import bundle_dir, run_dir
-from .training import TrainingError, TrainResult, train
+from .runtime import is_offline
+from .errors import TrainingError
+from .training import TrainResult, train
 
 
 def visible_gpus() -> int:
@@ -28,13 +30,13 @@ def visible_gpus() -> int:
 
 
 def _train_process(cache_path: str, model_cfg: ModelConfig, cfg: TrainConfig, runtime: RuntimeConfig,
-                   data_dir: str) -> None:
+                   data_dir: str | None) -> None:
     """What each launched process runs: the ordinary train(); its Accelerator finds its rank in the environment."""
     train(cache_path, model_cfg, cfg, runtime, data_dir)
 
 
 def train_everywhere(cache_path: str | Path, model_cfg: ModelConfig = ModelConfig(), cfg: TrainConfig = TrainConfig(),
-                     runtime: RuntimeConfig = RuntimeConfig(), data_dir: str | Path = "data",
+                     runtime: RuntimeConfig = RuntimeConfig(), data_dir: str | Path | None = None,
                      processes: int | None = None) -> TrainResult:
     """Train with one process per visible GPU (`processes` overrides: 2 on a CPU machine trains with two
     CPU processes); returns what `train()` returns, read back from the run folder the processes wrote."""
@@ -56,10 +58,11 @@ def train_everywhere(cache_path: str | Path, model_cfg: ModelConfig = ModelConfi
     from .features import load_cache
 
     dataset = load_cache(cache_path).meta["dataset"]
-    out = Path(cfg.out_dir or run_dir(data_dir, dataset, model_cfg.mapper))
+    out = Path(cfg.out_dir or run_dir(data_dir, dataset, model_cfg.mapper,
+                                      run_freeze(model_cfg, is_offline(runtime.offline))))
     print(f"training with {n} processes (one per {'GPU' if gpus >= n else 'CPU process'}); "
-          f"each takes every other batch, gradients averaged")
-    notebook_launcher(_train_process, args=(str(cache_path), model_cfg, cfg, runtime, str(data_dir)),
+          f"each takes every other batch; the loss and its gradients are per token over all of them")
+    notebook_launcher(_train_process, args=(str(cache_path), model_cfg, cfg, runtime, data_dir and str(data_dir)),
                       num_processes=n)
     return read_result(out)
 

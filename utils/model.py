@@ -15,7 +15,6 @@ and bundle.py's.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecodeConfig, ModelConfig, decode_config
+from .errors import CourseError
 from .mapper import build_mapper
-from .runtime import announce_offline, to_device
-from .standins import STANDIN_PREFIX, gpt2_dir, t5_dir
+from .runtime import to_device
 
 
 # LMs whose logits are their head applied to the last hidden state, nothing after it: forward() runs the head
@@ -33,54 +32,9 @@ from .standins import STANDIN_PREFIX, gpt2_dir, t5_dir
 LEAN_HEAD_MODELS = ("gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2")
 
 
-class CaptionerError(ValueError):
+class CaptionerError(CourseError, ValueError):
     """A bundle that cannot be loaded, or inputs this captioner cannot take (CLIP embeddings of another
     width); the message says what to do."""
-
-
-def _is_t5_name(name: str) -> bool:
-    """T5-family names (t5-small, google/flan-t5-base, bigscience/T0_3B, ...): offline, the stand-in T5."""
-    base = str(name).lower().rsplit("/", 1)[-1]
-    return "t5" in base or base.startswith("t0")
-
-
-def language_model_source(name: str, offline: bool, models_dir: str | Path) -> tuple[str, str]:
-    """Where `from_pretrained` reads the LM `name` (hub name or folder) from, and the name checkpoints
-    record; offline, the stand-in GPT-2 (the stand-in T5 for a T5-family name)."""
-    standins = {"t5": t5_dir, "gpt2": gpt2_dir}
-    if offline and not Path(name).is_dir():
-        kind = "t5" if _is_t5_name(name) else "gpt2"
-        announce_offline(f"language model '{name}' replaced by the tiny stand-in {kind.upper()}")
-        return str(standins[kind]()), STANDIN_PREFIX + kind  # the stand-ins: once per machine
-    if name.startswith(STANDIN_PREFIX):
-        return str(standins.get(name[len(STANDIN_PREFIX):], gpt2_dir)()), name
-    return name, name
-
-
-def lm_class(source: str | Path):
-    """The transformers Auto class for the LM at `source`: a causal LM (GPT-2, Llama, ...) or an
-    encoder-decoder (T5, T0), which reads the prefix with its encoder and writes the caption with its decoder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    config = AutoConfig.from_pretrained(source)
-    return (AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM), config
-
-
-def load_language_model(name: str, offline: bool, models_dir: str | Path):
-    """`from_pretrained` the LM and its tokenizer by hub name or folder; offline, a stand-in.
-
-    Returns (lm, tokenizer, name as recorded in checkpoints).
-    """
-    from transformers import AutoTokenizer
-
-    source, recorded = language_model_source(name, offline, models_dir)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    cls, config = lm_class(source)
-    if config.model_type == "gpt2" and getattr(config, "activation_function", None) == "gelu_new":
-        # the same tanh GELU (within ~1e-6 in fp32) as one fused kernel, not a chain of small ops
-        config.activation_function = "gelu_pytorch_tanh"
-    lm = cls.from_pretrained(source, config=config)
-    return lm, tokenizer, recorded
 
 
 def is_encoder_decoder(lm: nn.Module) -> bool:

@@ -18,19 +18,18 @@ import numpy as np
 import pandas as pd
 
 from .config import TrainConfig
+from .paths import default_data_dir
 
 
 def figures_dir() -> Path:
-    """Where notebooks write figures: CLIPCAP_FIGURES, else figures/ of the checkout we run from, else
-    ./figures (on Kaggle /kaggle/working/figures, beside the data, so a saved version keeps them)."""
-    from .runtime import detect_platform
-
+    """Where notebooks write figures: CLIPCAP_FIGURES, else beside the data folder (`figures/` next to a
+    folder named `data`, else inside it), so figures live and persist where the data does: `figures/` of
+    the checkout, `/kaggle/working/figures` on Kaggle (kept by its persistence or a saved version), and on
+    Colab with the data on Drive (`notebook_setup(drive=True)`), `MyDrive/clipcap-course/figures`."""
     if os.environ.get("CLIPCAP_FIGURES"):
         return Path(os.environ["CLIPCAP_FIGURES"])
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file():
-        return checkout / "figures"
-    return Path("/kaggle/working/figures" if detect_platform() == "kaggle" else "figures").resolve()
+    data = Path(default_data_dir()).resolve()
+    return data.parent / "figures" if data.name == "data" else data / "figures"
 
 
 _LR_FORMAT = FuncFormatter(lambda value, _: f"{value:.1e}" if value else "0")
@@ -68,24 +67,27 @@ def plot_lr_schedule(cfg: TrainConfig, total_steps: int, path=None):
 
 
 def plot_history(history: dict, path=None):
-    """Training loss (with validation loss) and the learning rate it was trained at, per step."""
+    """Training loss (with validation loss) per step, and on a second axis the learning rate it was trained at
+    (the schedule itself is drawn before training by plot_lr_schedule; here it shows where a spike met the LR)."""
     train = pd.DataFrame(history["train"])
     val = pd.DataFrame(history.get("val", []))
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, ax_loss = plt.subplots(figsize=(8, 3.8))
     ax_loss.plot(train["step"], train["loss"], label="training loss", lw=1)
-    if len(train) > 20:
-        smooth = train["loss"].rolling(max(len(train) // 20, 2), min_periods=1).mean()
+    if len(train) > 20:  # centred: the smoothed curve does not lag behind the loss it smooths
+        smooth = train["loss"].rolling(max(len(train) // 20, 2), center=True, min_periods=1).mean()
         ax_loss.plot(train["step"], smooth, label="training loss (smoothed)", lw=2)
     if len(val):
         ax_loss.plot(val["step"], val["val_loss"], "o-", label="validation loss", color="tab:red")
     ax_loss.set_yscale("log")  # a log axis shows the late, small improvements and the train/validation gap
-    ax_loss.set(xlabel="optimiser step", ylabel="cross-entropy per caption token (log scale)", title="Loss")
-    ax_loss.legend()
+    ax_loss.set(xlabel="optimiser step", ylabel="cross-entropy per caption token (log scale)",
+                title="Loss, and the learning rate it was trained at")
     ax_loss.grid(alpha=0.3)
-    ax_lr.plot(train["step"], train["lr"], color="tab:orange")
-    ax_lr.set(xlabel="optimiser step", ylabel="learning rate", title="Learning rate")
+    ax_lr = ax_loss.twinx()
+    ax_lr.plot(train["step"], train["lr"], color="tab:gray", lw=1, ls="--", label="learning rate (right axis)")
+    ax_lr.set_ylabel("learning rate")
     ax_lr.yaxis.set_major_formatter(_LR_FORMAT)
-    ax_lr.grid(alpha=0.3)
+    lines = ax_loss.get_legend_handles_labels(), ax_lr.get_legend_handles_labels()
+    ax_loss.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -19,6 +19,7 @@ from .config import DataConfig
 from .csvtext import (NOT_DECODED, Entry, caption_lines, csv_entries, decode_text, encoding_note, read_text,
                       replace_bad_bytes, repair_message, separator)
 from .embedded import make_embedded
+from .hub_datasets import read_hf
 from .images import IMAGE_SUFFIXES
 from .records import Captions, DatasetError, Parsed, Record, file_stamp, image_id_of, split_for
 from .shards import read_webdataset
@@ -167,6 +168,19 @@ def _read_flickr30k(cfg: DataConfig, root: Path) -> Parsed:
         entries.append((where, parts[0].strip(), parts[2]))
     folder = path.parent
     images_dir = _images_dir(cfg, [folder / "flickr30k_images", folder, folder / "flickr30k-images"],
+                             [name for _, name, _ in entries])
+    _add_entries(parsed, entries, _in_folder(parsed, images_dir))
+    return parsed
+
+
+def _read_flickr8k(cfg: DataConfig, root: Path) -> Parsed:
+    """Kaggle's adityajn105/flickr8k: captions.txt (a CSV: header `image,caption`, 5 rows per image, captions
+    holding a comma quoted) with the images in Images/ beside it."""
+    path = _input_path(cfg, root, ("captions.txt",), "captions.txt")
+    parsed = Parsed(path)
+    entries = csv_entries(path, read_text(path, cfg.encoding), ",", "image", "caption", parsed, cfg.encoding)
+    folder = path.parent
+    images_dir = _images_dir(cfg, [folder / "Images", folder / "images", folder, folder / "Flicker8k_Dataset"],
                              [name for _, name, _ in entries])
     _add_entries(parsed, entries, _in_folder(parsed, images_dir))
     return parsed
@@ -356,12 +370,14 @@ def _read_embedded(cfg: DataConfig, root: Path) -> Parsed:
 READERS: dict[str, Callable[[DataConfig, Path], Parsed]] = {
     "embedded": _read_embedded,
     "flickr30k": _read_flickr30k,
+    "flickr8k": _read_flickr8k,
     "food": _read_food,
     "coco": _read_coco,
     "karpathy": _read_karpathy,
     "csv": _read_csv,
     "folder": _read_folder,
     "webdataset": read_webdataset,
+    "hf": read_hf,
 }
 
 
@@ -402,4 +418,4 @@ def load_records(cfg: DataConfig, root: str | Path | None = None) -> Captions:
         if missing:
             problems.append(missing)
     return Captions(records, problems, str(parsed.source), parsed.skipped, parsed.repaired,
-                    file_stamp(parsed.source), str(parsed.images_dir) if parsed.images_dir else None)
+                    parsed.stamp or file_stamp(parsed.source), str(parsed.images_dir) if parsed.images_dir else None)

@@ -7,7 +7,9 @@ row becomes a message for people in `Captions.problems`, naming the file and the
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import CourseError
 
-class DatasetError(ValueError):
+
+class DatasetError(CourseError, ValueError):
     """The captions cannot be read as asked; the message names the file and says what to do."""
 
 
@@ -84,6 +88,46 @@ def file_stamp(path: str | Path) -> dict | None:
     return {"path": str(path.resolve()), "sha256": h.hexdigest()}
 
 
+TABLE_SUFFIXES = (".arrow", ".parquet", ".jsonl", ".json", ".csv", ".tsv")  # the files a table folder is made of
+
+
+def table_files(spec: str | Path) -> list[Path]:
+    """The files a table is read from: a file, the table files under a folder (a save_to_disk folder holds
+    .arrow shards and its state.json / dataset_info.json), or a glob's matches; sorted, [] when none."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
+
+
+def table_stamp(spec: str | Path) -> dict | None:
+    """Like `file_stamp`, for a table that is several files (a folder or a glob): one hash over each file's
+    name and content, so a shard added, removed or edited is noticed. None when nothing is there."""
+    files = table_files(spec)
+    if not files:
+        return None
+    path = Path(spec).expanduser()
+    base = path if path.is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(base).as_posix().encode("utf-8", "surrogateescape") + b"\0")
+        h.update((file_stamp(f) or {}).get("sha256", "").encode() + b"\n")
+    return {"path": str(spec), "table_files": len(files), "sha256": h.hexdigest()}
+
+
+def restamp(stamp: dict) -> dict | None:
+    """The stamp of what `stamp` names as it is now, to compare with it: None when that cannot be told
+    here (the file or table is gone, or it is a Hub set, whose revision this machine may not reach)."""
+    if "table_files" in stamp:
+        return table_stamp(stamp["path"])
+    if "sha256" in stamp and Path(stamp["path"]).is_file():
+        return file_stamp(stamp["path"])
+    return None
+
+
 def image_id_of(name: str) -> str:
     """An image's id: its name as written, without extension: stable, and unique where the names are."""
     return posixpath.splitext(name.replace("\\", "/"))[0]
@@ -101,6 +145,7 @@ class Parsed:
     local: bool = True  # image paths are files on disk (not tar members), so missing ones can be counted
     images_dir: Path | None = None  # the one folder the images were looked for in, when there is one
     notes: list[str] = field(default_factory=list)  # about the whole file (its encoding): shown first
+    stamp: dict | None = None  # the source's stamp when it is not one file (a table's, a Hub set's)
 
     def add(self, where: str, image_id: str, image_path: str, caption: str, split: str | None = None) -> None:
         caption = " ".join(caption.split())

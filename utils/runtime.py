@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import socket
 import sys
 from pathlib import Path
+
+from .errors import CourseError
 
 # Hosts the real models come from: CLIP weights (openaipublic) and GPT-2 (Hugging Face).
 HUB_HOSTS = (("openaipublic.azureedge.net", 443), ("huggingface.co", 443))
 
 
-class GPUUnsupported(RuntimeError):
+class GPUUnsupported(CourseError, RuntimeError):
     """This torch build cannot run kernels on the GPU that is present."""
 
 
@@ -143,112 +144,3 @@ def mixed_precision(choice: str, device) -> str:
     if choice == "bf16" and not supports_bf16(device):
         raise ValueError(f"--precision bf16: this device ({device}) has no bf16; use fp16 (P100, T4) or auto")
     return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[choice]
-
-
-def environment_report(device: str = "auto") -> dict:
-    """The versions and the device that matter when asking for help (the first cell prints these)."""
-    import torch
-    import transformers
-
-    from . import __version__
-    from .paths import default_data_dir
-
-    try:
-        import clip  # noqa: F401  (openai-clip)
-        from importlib.metadata import version
-        clip_version = version("openai-clip")
-    except Exception as exc:  # the first notebook cell installs it; say why it is missing
-        clip_version = f"not importable ({type(exc).__name__}: {exc})"
-    report = {
-        "platform": detect_platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "openai-clip": clip_version,
-        "clipcap-course": __version__,
-        "offline": is_offline(None),
-        "data_dir": default_data_dir(),
-    }
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        major, minor = torch.cuda.get_device_capability()
-        report.update(device=f"cuda: {torch.cuda.get_device_name()}", compute_capability=f"{major}.{minor}",
-                      gpu_memory_free_gib=round(free / 2**30, 1), gpu_memory_total_gib=round(total / 2**30, 1))
-        try:
-            check_gpu()
-            report["gpu_check"] = "ok"
-        except GPUUnsupported as exc:
-            report["gpu_check"] = str(exc)
-    else:
-        report.update(device=f"cpu ({os.cpu_count()} cores)", gpu_check="no GPU visible to torch")
-    return report
-
-
-def _free_ram_gib() -> float | None:
-    """Memory free for new work (Linux: MemAvailable), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return round(int(info["MemAvailable"].split()[0]) / 2**20, 1)
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-COLAB_DRIVE_DATA = "/content/drive/MyDrive/clipcap-course/data"
-
-
-def mount_drive(data_dir: str = COLAB_DRIVE_DATA) -> str | None:
-    """On Colab: mount Google Drive (Colab asks for permission once) and keep the course's data in `data_dir`
-    on it (CLIPCAP_DATA), so the next notebook, on its own machine, finds what this one wrote. Elsewhere it
-    does nothing and returns None (Kaggle keeps /kaggle/working; a local machine keeps data/)."""
-    if detect_platform() != "colab":
-        return None
-    from google.colab import drive  # Colab's own module
-
-    drive.mount("/content/drive")
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    os.environ["CLIPCAP_DATA"] = data_dir
-    return data_dir
-
-
-def notebook_setup(device: str = "auto", drive: bool = False) -> dict:
-    """The first cell of every notebook: where we run, the versions that matter, the device and the GPU check.
-
-    Prints one line per item and returns the same facts as a dict. A GPU this torch cannot use is shown as
-    a boxed message with what to do, never as a traceback. `drive=True`: on Colab, first mount Google Drive
-    and keep the course's data there (`mount_drive`); ignored elsewhere.
-    """
-    if drive:
-        mount_drive()
-    report = environment_report(device)
-    where = {"kaggle": "Kaggle (inputs read-only under /kaggle/input, outputs in /kaggle/working, which is this "
-                       "notebook's own: see README, 'The course', to carry data to the next notebook)",
-             "colab": "Colab (files under /content vanish with the session and are not seen by the next notebook: "
-                      "run the first cell with notebook_setup(drive=True) to keep data/ on Google Drive)"
-                      if not os.environ.get("CLIPCAP_DATA", "").startswith("/content/drive") else
-                      "Colab, with the course's data on Google Drive",
-             "local": "local machine"}[report["platform"]]
-    memory = (f"{report['gpu_memory_free_gib']} of {report['gpu_memory_total_gib']} GiB GPU memory free, compute "
-              f"capability {report['compute_capability']}" if "gpu_memory_free_gib" in report
-              else f"{_free_ram_gib()} GiB RAM free")
-    lines = [("platform", where), ("python", report["python"]),
-             ("torch", f"{report['torch']} (CUDA {report['torch_cuda'] or 'none: a CPU build'})"),
-             ("transformers", report["transformers"]), ("openai-clip", report["openai-clip"]),
-             ("clipcap-course", report["clipcap-course"]), ("device", f"{report['device']}, {memory}"),
-             ("models", "OFFLINE: tiny stand-in CLIP and GPT-2 (mechanics only, not real captions)"
-              if report["offline"] else "real CLIP and GPT-2 from their hubs"),
-             ("data", report["data_dir"])]
-    for name, value in lines:
-        print(f"{name:>14}: {value}")
-    check = report["gpu_check"]
-    if check not in ("ok", "no GPU visible to torch"):  # the message of GPUUnsupported, with the fix
-        bar = "=" * 78
-        print(f"\n{bar}\nGPU NOT USABLE by this torch. Fix it as below, or set device = \"cpu\" in the parameters "
-              f"cell to go on (slowly) on the CPU.\n{check}\n{bar}")
-    elif check != "ok":
-        print(f"{'gpu check':>14}: {check}" + ("; on Kaggle/Colab turn on a GPU (T4) in the notebook's settings"
-                                               if report["platform"] != "local" else ""))
-    else:
-        print(f"{'gpu check':>14}: ok")
-    return report

@@ -19,6 +19,7 @@ from .csvtext import decode_text, repair_message, replace_bad_bytes
 from .records import DatasetError, Parsed
 
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_CAPTION_BYTES = 1 << 20  # a caption member (.txt, .json) is read whole: a few hundred bytes, never megabytes
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"(\d+)\.\.(\d+)")
 
@@ -84,17 +85,36 @@ def _shard_captions(tar: tarfile.TarFile, parts: dict[str, tarfile.TarInfo], whe
     return [(f"{where}.json", str(c)) for c in captions]
 
 
+def _too_large(member: tarfile.TarInfo, shard_size: int) -> str | None:
+    """Why a member is refused by its size before one byte of it is read, or None: a sparse member (its holes
+    would be read as zeros: 10 KB of shard, gigabytes of memory), one claiming more bytes than its shard
+    holds, or a caption member past MAX_CAPTION_BYTES."""
+    if member.issparse() or member.size > shard_size:
+        return f"{member.name} claims {member.size:,} bytes in a shard of {shard_size:,} (a sparse or damaged member)"
+    if member.name.lower().endswith((".txt", ".json")) and member.size > MAX_CAPTION_BYTES:
+        return f"{member.name} is {member.size:,} bytes, over the {MAX_CAPTION_BYTES:,} a caption may have"
+    return None
+
+
 def _read_shard(shard: Path, parsed: Parsed, encoding: str | None) -> None:
-    """One tar shard: members sharing a key (name up to the first dot, folder included) form one sample."""
+    """One tar shard: members sharing a key (name up to the first dot, folder included) form one sample; a
+    sample with a member too large to read (`_too_large`) is skipped, unread."""
+    shard_size = shard.stat().st_size
     with tarfile.open(shard) as tar:
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        too_large: dict[str, str] = {}
         for member in tar:
             if member.isfile():
                 folder, base = posixpath.split(member.name)
                 key, _, ext = base.partition(".")
                 samples.setdefault(posixpath.join(folder, key), {})[ext.lower()] = member
+                if (why := _too_large(member, shard_size)) and posixpath.join(folder, key) not in too_large:
+                    too_large[posixpath.join(folder, key)] = why
         for key, parts in samples.items():
             where = f"{shard.name} {key}"
+            if key in too_large:
+                parsed.skip(f"{where}: {too_large[key]}, not read")
+                continue
             image = next((parts[e] for e in SHARD_IMAGE_EXTENSIONS if e in parts), None)
             if image is None:
                 parsed.skip(f"{where}: no image member ({', '.join(SHARD_IMAGE_EXTENSIONS)})")

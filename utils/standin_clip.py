@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .files import atomic_path
-from .standin_build import PRIVATE_DRAWINGS, announce, folder, lr_scale, private_drawings, private_torch_state
+from .standins import PRIVATE_DRAWINGS, announce, folder, lr_scale, private_drawings, private_torch_state
 from .standin_names import STANDIN_CLIP_DIM, STANDIN_PREFIX, clip_standin_name
 
 FITTED, GRID = 64, 4  # fitted channels (and embedding dimensions); cells per side of the fixed colour grid
@@ -148,7 +148,6 @@ def _fixed_grid_pathway(visual) -> list[tuple[torch.Tensor, torch.Tensor, torch.
         mask[which] = True
         return mask
 
-    ref_weights = lambda: torch.zeros(width)  # noqa: E731
     p = visual.conv1.kernel_size[0]
     conv = visual.conv1.weight.detach().clone()
     conv[fixed] = 0

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .files import write_json
-from .standin_build import EOS, announce, folder, lr_scale, private_drawings, private_torch_state
+from .standins import EOS, announce, folder, lr_scale, private_drawings, private_torch_state
 from .standin_words import caption_corpus, vocabulary
 
 # GPT-2's 12 blocks at width 64. No dropout: it would only slow the short fit and the course's training.

@@ -16,8 +16,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CourseError
 from .runtime import announce_offline, is_offline
-from .standins import STANDIN_PREFIX, is_standin, marian_dir
+from .sources import NO_REMOTE_CODE
+from .standin_names import STANDIN_PREFIX, is_standin
+from .standin_text import marian_dir
 
 HUB_NAME = "Helsinki-NLP/opus-mt-en-{lang}"
 # The choices the demo and the explorer offer: opus-mt-en-<lang> models with one target language (those
@@ -28,7 +31,7 @@ STANDIN_LABEL = "[stand-in model, not a translation]"
 SENTENCEPIECE = "sentencepiece==0.2.3"  # what MarianTokenizer needs (pip install it)
 
 
-class TranslationError(ValueError):
+class TranslationError(CourseError, ValueError):
     """No translation model for that language here; the message says why and what to do."""
 
 
@@ -90,7 +93,7 @@ def load_translator(lang: str, offline: bool | None = None, models_dir: str | Pa
     else:
         source = name = HUB_NAME.format(lang=lang)
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(source).eval()
+        model = AutoModelForSeq2SeqLM.from_pretrained(source, **NO_REMOTE_CODE).eval()
     except OSError as exc:  # not on the hub, no network, a broken download
         raise TranslationError(f"no translation model for {language_name(lang)}: {name} cannot be loaded "
                                f"({str(exc).splitlines()[0]}). Models exist for {', '.join(LANGUAGES)} and more "
@@ -100,7 +103,7 @@ def load_translator(lang: str, offline: bool | None = None, models_dir: str | Pa
     if not is_standin(name) and importlib.util.find_spec("sentencepiece") is None:
         raise TranslationError(f"translating to {language_name(lang)} with {name} needs the sentencepiece "
                                f"package (for its tokenizer): pip install {SENTENCEPIECE}")
-    return Translator(lang, name, model, AutoTokenizer.from_pretrained(source))
+    return Translator(lang, name, model, AutoTokenizer.from_pretrained(source, **NO_REMOTE_CODE))
 
 
 class Translators:
@@ -112,6 +115,7 @@ class Translators:
         self._lock = threading.Lock()
 
     def __getitem__(self, lang: str) -> Translator:
+        lang = (lang or "").strip().lower()  # "DE", " de" and "de": one model, loaded once
         with self._lock:
             if lang not in self._loaded:
                 self._loaded[lang] = load_translator(lang, self.offline, self.models_dir)
