@@ -390,8 +390,9 @@ def test_every_claim_holds_against_the_numbers_printed_beside_it(course_run):
     above = [m for m in table.index if table.at[m, "ours"] > table.at[m, "reference"]]
     shown = _line(out04, r"ours scores above the human reference on: ([^\n(]*)")[1].strip()
     assert shown == (", ".join(above) or "no metric")
-    for ceiling in ("facts_right", "CIDEr"):  # the prose calls these the fair ceiling
-        assert table.at[ceiling, "ours"] <= table.at[ceiling, "reference"], ceiling
+    # the prose calls facts_right the fair ceiling (BLEU, ROUGE-L and CIDEr favour a caption scored against more
+    # references: with the v3 stand-ins ours passes the human one on CIDEr too, and the "above" line says so)
+    assert table.at["facts_right", "ours"] <= table.at["facts_right", "reference"]
     facts = _shown_table(executed["04_caption_and_evaluate"], "captioner states it right", "linear probe on the features")
     missed = [f for f in facts.index if facts.at[f, "linear probe on the features"]
               - facts.at[f, "captioner states it right"] > 0.1]
