@@ -3,9 +3,12 @@ package's own code (as a user's first offline run builds them) and reused by eve
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -198,3 +201,28 @@ def post(client, upload: tuple[bytes, str] | None = None, **fields) -> tuple[int
         data["image"] = (io.BytesIO(upload[0]), upload[1])
     reply = client.post("/caption", data=data, content_type="multipart/form-data")
     return reply.status_code, reply.get_json()
+
+
+@contextlib.contextmanager
+def serve_folder(served: Path):
+    """http.server on 127.0.0.1 serving `served`, as a download host would: yields (base URL, the request
+    lines it was asked, such as 'GET /a.png HTTP/1.1')."""
+    requested: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(served), **kw)
+
+        def log_request(self, code="-", size="-"):
+            requested.append(self.requestline)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()

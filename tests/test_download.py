@@ -20,6 +20,7 @@ import requests
 from kagglehub.exceptions import KaggleApiHTTPError, handle_call
 from kagglehub.handle import parse_dataset_handle
 
+from conftest import serve_folder
 from utils import download as dl
 
 FLICKR = dl.KAGGLE_DATASETS["flickr30k"]
@@ -348,24 +349,8 @@ def coco_server(tmp_path):
     """http.server on 127.0.0.1 serving the fake COCO; yields (base URL, served root, requested paths)."""
     served = tmp_path / "served"
     images = _fake_coco(served)
-    requested = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(served), **kw)
-
-        def log_request(self, code="-", size="-"):
-            requested.append(self.requestline)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", served, images, requested
-    server.shutdown()
-    server.server_close()
+    with serve_folder(served) as (base, requested):
+        yield base, served, images, requested
 
 
 def test_coco_download_counts_failures_resumes_and_reads(coco_server, tmp_path, capsys):

@@ -5,16 +5,15 @@ through the CLI and through the calls notebooks 01 and 02 make; and Kaggle's Fli
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import serve_folder
 from layouts import FLICKR8K_FIRST, flickr8k_caption, flickr8k_name, write_flickr8k
 from utils.__main__ import main
 from utils.config import DataConfig, FeatureConfig, RuntimeConfig
@@ -204,23 +203,8 @@ def image_server(tmp_path):
     for k in range(4):
         (served / f"{k}.png").write_bytes(png(k))
     (served / "4.png").write_bytes(b"<html>rate limited</html>")
-    requested = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(served), **kw)
-
-        def log_request(self, code="-", size="-"):
-            requested.append(self.path)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", served, requested
-    server.shutdown()
-    server.server_close()
+    with serve_folder(served) as (base, requested):
+        yield base, served, requested
 
 
 def test_a_url_column_is_fetched_in_parallel_resumably_with_failures_listed(tmp_path, image_server, capsys):
@@ -250,7 +234,7 @@ def test_a_url_column_is_fetched_in_parallel_resumably_with_failures_listed(tmp_
     (served / "5.png").write_bytes(png(5))  # the server has it now: a rerun fetches only the two that failed
     requested.clear()
     caps = load_records(data)
-    assert sorted(requested) == ["/4.png", "/5.png"] and caps.skipped == 1 and len(caps.images()) == 5
+    assert sorted(requested) == ["GET /4.png HTTP/1.1", "GET /5.png HTTP/1.1"] and caps.skipped == 1 and len(caps.images()) == 5
 
 
 # ---- the feature cache -------------------------------------------------------------------------------------
