@@ -42,7 +42,13 @@ cmd=${1:-main}
 shift || true
 case "$cmd" in
   main) exec "$VENV/bin/python" -m utils course "$@" ;;
-  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  test)
+    # One worker process per CPU core, up to 4 (CLIPCAP_TEST_WORKERS=N sets it; 0 runs the tests in this
+    # process): the tests compute on one thread each, so a second core otherwise idles. A file's tests stay
+    # in one worker (--dist loadfile), so its module fixtures are made once.
+    cores=$(nproc 2>/dev/null || echo 1)
+    workers=${CLIPCAP_TEST_WORKERS:-$(( cores < 2 ? 0 : (cores > 4 ? 4 : cores) ))}
+    exec "$VENV/bin/python" -m pytest -n "$workers" --dist loadfile "$@" ;;
   lint) exec "$VENV/bin/python" -m ruff check utils tests "$@" ;;
   lab)
     # The hook that refuses a notebook committed with its outputs (see .githooks/pre-commit); only in a git

@@ -16,6 +16,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    """Under `pytest -n N` (bash course.sh test), each worker computes on one thread, and so do the processes
+    and notebook kernels it starts: N workers then share N cores instead of fighting over them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
@@ -35,6 +45,25 @@ def models_dir(tmp_path_factory) -> Path:
     mp.setenv(STANDINS_ENV, os.environ.get("CLIPCAP_TEST_STANDINS") or str(tmp_path_factory.mktemp("standins")))
     yield standins_home()
     mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(models_dir):
+    """The suite's tiny captioner, made by `tiny_captioner(freeze="full", **model_changes)`: the stand-in GPT-2
+    under a one-layer transformer mapper from a 64-d CLIP embedding to 3 prefix positions (2 CLIP positions, 4
+    heads), seeded 0. A new one per call, so a test may train or change it."""
+    import torch
+
+    from utils.captioner import Captioner
+    from utils.config import ModelConfig
+    from utils.sources import load_language_model
+
+    def make(freeze: str = "full", **changes):
+        lm, tokenizer, _ = load_language_model("gpt2", offline=True)
+        torch.manual_seed(0)
+        return Captioner(ModelConfig(clip_dim=64, prefix_length=3, clip_length=2, num_layers=1, num_heads=4,
+                                     freeze=freeze, **changes), lm, tokenizer)
+    return make
 
 
 @pytest.fixture(scope="module")

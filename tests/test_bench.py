@@ -16,9 +16,7 @@ from utils.bench import bench_captions, bench_models
 from utils.runtime import compile_supported, mixed_precision
 from utils.bench_clipcap import clipcap_loss, clipcap_max_seq_len, clipcap_pad
 from utils.bench_training import real_token_flops
-from utils.captioner import Captioner
-from utils.sources import load_language_model
-from utils.config import ModelConfig, TrainConfig
+from utils.config import TrainConfig
 from utils.schedule import epoch_order, length_bucketed_batches, padding_share
 from utils.training_run import make_optimizer
 
@@ -26,11 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def captioner(models_dir):
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
-    torch.manual_seed(0)
-    return Captioner(ModelConfig(clip_dim=64, prefix_length=3, clip_length=2, num_layers=1, num_heads=4,
-                                 train_last_blocks=1), lm, tokenizer)
+def captioner(tiny_captioner):
+    return tiny_captioner("partial", train_last_blocks=1)
 
 
 def _batch(captioner, n: int = 5, seed: int = 0):

@@ -26,12 +26,13 @@ def test_notebook_launcher_two_processes_equal_one_with_accumulation(small_cache
                                     out_dir={str(tmp_path / "two")!r})
         result = train_everywhere({str(small_cache)!r}, model, train, RuntimeConfig(offline=True, device="cpu"),
                                   {str(data_dir)!r}, processes=2)
-        print("STEPS", result.steps, "BUNDLE", result.bundle)
+        print("STEPS", result.steps, "BUNDLE", result.bundle, "FROM", result.first_step, "TIMED", result.seconds > 0)
     """)
     two = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=cli_env(data_dir), capture_output=True,
                          text=True, timeout=400)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert "training with 2 processes" in two.stdout and "STEPS 6" in two.stdout, two.stdout
+    assert "FROM 0 TIMED True" in two.stdout, "this session's own steps and time, as train() reports them"
     run_cli("train", "--features", str(small_cache), "--max-steps", "6", "--batch-size", "8", "--num-layers", "1",
             "--dropout", "0", "--warmup-steps", "2", "--log-every", "1", "--lm", str(lm), "--device", "cpu",
             "--grad-accum", "2", "--out-dir", str(tmp_path / "one"), data_dir=data_dir)

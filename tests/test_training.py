@@ -15,7 +15,6 @@ import torch
 from conftest import (ROOT, TouchWhenUnpickled, assert_same_weights_and_losses, cli_env, lm_without_dropout,
                       quick_train_config, run_cli)
 from utils.captioner import Captioner
-from utils.sources import load_language_model
 from utils.config import ModelConfig, RuntimeConfig, TrainConfig, standin_preset
 from utils.features import load_cache
 from utils.errors import TrainingError
@@ -40,11 +39,8 @@ def test_warmup_then_linear_and_cosine_decay():
 
 
 @pytest.fixture(scope="module")
-def captioner(models_dir):
-    lm, tokenizer, _ = load_language_model("gpt2", offline=True)
-    torch.manual_seed(0)
-    return Captioner(ModelConfig(clip_dim=64, prefix_length=3, clip_length=2, num_layers=1, num_heads=4,
-                                 freeze="full"), lm, tokenizer)
+def captioner(tiny_captioner):
+    return tiny_captioner("full")
 
 
 def test_loss_is_on_caption_tokens_and_eos_only(captioner):

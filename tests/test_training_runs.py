@@ -17,8 +17,6 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_env, quick_train_config, run_cli
-from utils.captioner import Captioner
-from utils.sources import load_language_model
 from utils.config import ConfigError, DecodeConfig, ModelConfig, RuntimeConfig, TrainConfig, standin_preset
 from utils.checkpoints import TrainState, load_trainable
 from utils.errors import TrainingError
@@ -215,13 +213,8 @@ def _model() -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny(models_dir):
-    def make(freeze="full", **changes):
-        lm, tokenizer, _ = load_language_model("gpt2", offline=True)
-        torch.manual_seed(0)
-        return Captioner(ModelConfig(clip_dim=64, prefix_length=3, clip_length=2, num_layers=1, num_heads=4,
-                                     freeze=freeze, **changes), lm, tokenizer)
-    return make
+def tiny(tiny_captioner):
+    return tiny_captioner
 
 
 def test_the_loss_is_per_token_over_the_accumulated_step(tiny):

@@ -12,6 +12,8 @@ running notebook 03 top to bottom keeps the rule; if you trained in the kernel a
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -20,7 +22,8 @@ from .config import ModelConfig, RuntimeConfig, TrainConfig, run_freeze
 from .files import read_json
 from .paths import bundle_dir, run_dir
 from .runtime import is_offline
-from .errors import TrainingError
+from .checkpoints import read_checkpoint, read_state
+from .errors import CourseError, TrainingError
 from .training import TrainResult, train
 
 
@@ -62,9 +65,19 @@ def train_everywhere(cache_path: str | Path, model_cfg: ModelConfig = ModelConfi
                                       run_freeze(model_cfg, is_offline(runtime.offline))))
     print(f"training with {n} processes (one per {'GPU' if gpus >= n else 'CPU process'}); "
           f"each takes every other batch; the loss and its gradients are per token over all of them")
+    first_step, start = _saved_step(out) if cfg.resume else 0, time.perf_counter()
     notebook_launcher(_train_process, args=(str(cache_path), model_cfg, cfg, runtime, data_dir and str(data_dir)),
                       num_processes=n)
-    return read_result(out)
+    return dataclasses.replace(read_result(out), first_step=first_step, seconds=time.perf_counter() - start)
+
+
+def _saved_step(out: Path) -> int:
+    """The step a resumed run starts from: its checkpoint's (0 when there is none, or it is unreadable: the
+    launched processes then say why)."""
+    try:
+        return read_state(read_checkpoint(out / "checkpoint.pt")["state"], out / "checkpoint.pt").step
+    except (OSError, KeyError, TypeError, CourseError):
+        return 0
 
 
 def read_result(out: str | Path) -> TrainResult:
