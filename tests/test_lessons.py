@@ -31,6 +31,22 @@ def test_facts_right_counts_the_five_facts_whatever_the_wording():
     assert facts_right("", truth) == 0.0
 
 
+def test_the_linear_probe_reads_what_the_features_hold_and_no_more():
+    """Notebook 04's probe: labels a linear function of the features decides are read nearly always; labels
+    drawn independently of them score about what always saying the commonest value does."""
+    from utils.evaluation import linear_probe
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 8))
+    held = ["abc"[k] for k in (features[:, :3] @ np.eye(3)).argmax(1)]
+    probe, commonest = linear_probe(features, held)
+    assert probe >= 0.9 and 0.2 <= commonest <= 0.45, (probe, commonest)
+    noise = list(rng.choice(["x", "y", "z"], size=300, p=[0.5, 0.3, 0.2]))
+    probe, commonest = linear_probe(features, noise)
+    assert abs(probe - commonest) <= 0.1 and 0.4 <= commonest <= 0.6, (probe, commonest)
+    assert linear_probe(features, noise) == (probe, commonest), "the folds are drawn the same every time"
+
+
 @pytest.fixture(scope="module")
 def prefitted(models_dir):
     """An untrained mapper on the pre-fitted stand-in GPT-2."""
@@ -70,17 +86,21 @@ def test_facts_right_falls_with_temperature_and_top_p_brings_it_back(prompted):
     """The lesson of notebook 05, on the package: with a different seed per setting, facts right falls as the
     temperature rises, and at a high temperature a top-p cut raises it again."""
     captioner, names, truth = prompted
-    table = temperature_table(captioner, torch.eye(len(names)), temperatures=(0.1, 1.5, 2.0), samples=2, names=names,
+    table = temperature_table(captioner, torch.eye(len(names)), temperatures=(0.1, 1.5, 2.0), samples=4, names=names,
                               methods=("greedy",), top_ps=(0.5,), top_p_temperature=1.5)
     assert table.columns.tolist() == ["image", "method", "temperature", "top_p", "sample", "caption"]
     summary = temperature_summary(table, truth).set_index(["method", "temperature", "top_p"])["facts_right"]
     cold, warm, hot, cut = (summary[("sample", t, p)] for t, p in ((0.1, 1.0), (1.5, 1.0), (2.0, 1.0), (1.5, 0.5)))
-    print(f"facts right: T=0.1 {cold:.2f}, T=1.5 {warm:.2f}, T=2.0 {hot:.2f}; T=1.5 with top-p 0.5 {cut:.2f}")
-    # stand-ins v3 (a 3,700-token vocabulary, of which this pre-fitted GPT-2 has learned only the drawings'
-    # words: at T=1.5 the rest share the mass): T=0.1 0.55, T=1.5 0.10, T=2.0 0.03, top-p 0.5 at T=1.5 0.14;
-    # the v2 stand-ins (600 tokens) passed cold > 0.6 and cut > warm + 0.05
-    assert cold > warm > hot and cold > 0.5 and hot < 0.4, (cold, warm, hot)
-    assert cut > warm + 0.03, (warm, cut)
+    greedy = summary.xs("greedy", level="method").iloc[0]
+    print(f"facts right: greedy {greedy:.2f}; T=0.1 {cold:.2f}, T=1.5 {warm:.2f}, T=2.0 {hot:.2f}; "
+          f"T=1.5 with top-p 0.5 {cut:.2f}")
+    # Measured with the v3 stand-ins (a 3,700-token vocabulary, of which this pre-fitted GPT-2 has learned only
+    # the drawings' words, so at T=1.5 the rest share the mass), 4 samples per setting: greedy 0.61, T=0.1 0.55,
+    # T=1.5 0.06, T=2.0 0.02, top-p 0.5 at T=1.5 0.15. The v2 stand-ins' T=0.1 passed 0.6; greedy holds that bar
+    # now, and T=0.1 is asserted to come near it.
+    assert greedy > 0.6 and cold > 0.5 and cold >= greedy - 0.1, (greedy, cold)
+    assert cold > warm > hot and hot < 0.4, (cold, warm, hot)
+    assert cut > warm + 0.05, (warm, cut)
 
 
 def test_each_sampling_setting_draws_with_its_own_seed(prefitted):

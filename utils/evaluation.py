@@ -96,6 +96,43 @@ def embedded_truth(references: list[str]) -> dict:
     return embedded_attributes(references[0])
 
 
+def linear_probe(features, labels: list, folds: int = 5, weight_decay: float = 1e-3) -> tuple[float, float]:
+    """What the features carry of a fact, whatever a captioner learned: a softmax regression from `features`
+    (n, d; standardised) to `labels` (n values), with L2 `weight_decay`, fitted by L-BFGS on all folds but
+    one and scored on that one, each of `folds` folds in turn, so every image is scored once, by a probe that
+    never saw it. Returns (the probe's accuracy, the accuracy of always saying the fitted folds' commonest
+    value), over all n images: with a few hundred images that is steady where a test split of a tenth of
+    them is not."""
+    X = torch.tensor(np.array(features, dtype=np.float32))
+    X = (X - X.mean(0)) / X.std(0).clamp_min(1e-6)
+    values = sorted(set(labels))
+    y = torch.tensor([values.index(v) for v in labels])
+    fold = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)) % folds  # folds of random rows
+    probe_right = commonest_right = 0
+    for k in range(folds):
+        fit, held = fold != k, fold == k
+        W, b = _softmax_regression(X[fit], y[fit], len(values), weight_decay)
+        probe_right += int(((X[held] @ W + b).argmax(1) == y[held]).sum())
+        commonest_right += int((y[held] == torch.bincount(y[fit], minlength=len(values)).argmax()).sum())
+    return probe_right / len(y), commonest_right / len(y)
+
+
+def _softmax_regression(X: torch.Tensor, y: torch.Tensor, n_values: int, weight_decay: float):
+    """W (d, n_values) and b (n_values) minimising cross-entropy + weight_decay * |W|^2, by L-BFGS."""
+    W = torch.zeros(X.shape[1], n_values, requires_grad=True)
+    b = torch.zeros(n_values, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=100)
+
+    def loss():
+        opt.zero_grad()
+        value = torch.nn.functional.cross_entropy(X @ W + b, y) + weight_decay * W.square().sum()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    return W.detach(), b.detach()
+
+
 def write_results(path_json: str | Path, scores: dict, per_image_captions: list[dict],
                   info: dict | None = None) -> Path:
     """Scores, the captions they were computed from and `info` (how), in one JSON written atomically."""
