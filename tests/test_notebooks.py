@@ -419,7 +419,7 @@ def test_the_run_leaves_the_checkout_alone(course_run):
 
 
 @pytest.mark.slow
-def test_the_run_all_loop_reports_an_interrupted_training_and_stops(tmp_path, monkeypatch):
+def test_the_run_all_loop_reports_an_interrupted_training_and_stops(tmp_path, monkeypatch, capfd):
     """README's run-all loop, interrupted as Jupyter's Interrupt button does it (SIGINT to the process running
     the loop) while notebook 03 trains: the training writes its checkpoint, the loop ends with one message
     saying 03 was interrupted with the resume line, the executed copy of 03 shows the same line, and 04 and 05
@@ -464,3 +464,4 @@ def test_the_run_all_loop_reports_an_interrupted_training_and_stops(tmp_path, mo
     assert [e["ename"] for e in errors] == ["TrainingInterrupted"]
     assert "to continue it" in "".join(errors[0]["traceback"]), "the executed notebook shows the resume line"
     assert [line for line in said if " ran in " in line][-1].lstrip().startswith("02_clip_features.ipynb")
+    assert "IPKernelApp" not in capfd.readouterr().err, "the kernels' start-up warnings stay out of the loop's output"

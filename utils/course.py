@@ -266,6 +266,12 @@ def _stopped(path: Path, executed: Path, exc, rest: list[str]) -> NotebookStoppe
                            f"executed copy {executed} shows the cell and its output.")
 
 
+# Only the kernel's errors reach this loop's output: ipykernel 7 warns at every start that it "is running over
+# TCP without encryption", which says nothing about the course (papermill's kernels listen on localhost, as
+# JupyterLab's do).
+QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
+
+
 def run_notebooks(out_dir: str | Path, parameters: dict | None = None, notebooks: list[str | Path] | None = None,
                   kernel_name: str | None = None, say=print) -> list[Path]:
     """Run the course's notebooks in order with papermill (README's run-all loop), each with the `parameters`
@@ -310,7 +316,7 @@ def run_notebooks(out_dir: str | Path, parameters: dict | None = None, notebooks
             start = time.perf_counter()
             try:
                 papermill.execute_notebook(str(path), str(executed), parameters=given, cwd=str(path.parent),
-                                           kernel_name=kernel_name, progress_bar=False)
+                                           kernel_name=kernel_name, progress_bar=False, extra_arguments=QUIET_KERNEL)
             except PapermillExecutionError as exc:
                 raise _stopped(path, executed, exc, rest) from None
             say(f"   {path.name} ran in {time.perf_counter() - start:.0f} s")

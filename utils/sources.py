@@ -11,6 +11,7 @@ so a folder whose config asks for custom code is refused instead of prompting on
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from .runtime import announce_offline
@@ -38,7 +39,9 @@ def load_clip(backbone: str, device, offline: bool, models_dir: str | Path):
     import clip
 
     source, name = clip_source(backbone, offline)
-    model, preprocess = clip.load(source, device=device, jit=False, download_root=str(Path(models_dir) / "clip"))
+    with warnings.catch_warnings():  # OpenAI publishes CLIP as TorchScript: torch 2.10+ calls its loader deprecated
+        warnings.filterwarnings("ignore", r"`torch\.jit\.", FutureWarning)
+        model, preprocess = clip.load(source, device=device, jit=False, download_root=str(Path(models_dir) / "clip"))
     return model.eval(), preprocess, name
 
 

@@ -85,6 +85,7 @@ def clip_archive(backbone: str, models_dir: str | Path | None = None) -> Path:
     text = torch.zeros(1, model.context_length, dtype=torch.long)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # "converting a tensor to a Python index"
+        warnings.filterwarnings("ignore", r"`torch\.jit\.", FutureWarning)  # torch 2.10+: "trace is deprecated"
         traced = torch.jit.trace(model, (image, text), check_trace=False)
     with atomic_path(path) as tmp:
         traced.save(str(tmp))

@@ -66,7 +66,7 @@ def gpt2_dir(models_dir: str | Path | None = None) -> Path:
     dest = where / "standin-gpt2"
     if (dest / "standin.json").is_file():
         return dest
-    start = announce("stand-in GPT-2", where, "a minute and a half")
+    start = announce("stand-in GPT-2", where, "45 s")
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     _, drawings = private_drawings(where)
