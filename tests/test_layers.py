@@ -68,3 +68,15 @@ def test_the_model_file_imports_only_torch_and_the_layers_below():
 
 def layer_of(module: str) -> str:
     return next(layer for layer, modules in LAYERS.items() if module in modules)
+
+
+def test_readmes_picture_of_the_layers_is_this_table():
+    """README draws the layers, top first, a line each: `layer  module  module ...`; it is LAYERS."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    drawn = {}
+    for line in text.splitlines():
+        name, *modules = line.split() or [""]
+        if name in LAYERS and modules and all(m.isidentifier() for m in modules):
+            drawn[name] = set(modules)
+    assert drawn == LAYERS
+    assert list(drawn) == list(LAYERS)[::-1], "README draws the top layer first"
