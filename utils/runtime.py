@@ -62,9 +62,9 @@ def announce_offline(what: str) -> None:
         return
     announce_offline.said = True
     bar = "!" * 78
-    print(f"{bar}\n!! OFFLINE MODE: {what}\n!! Stand-in models are tiny (CLIP and GPT-2 fitted briefly to synthetic"
-          f" drawings\n!! and their captions): they teach the mechanics, not photos. With network,\n"
-          f"!! run without --offline.\n{bar}",
+    print(f"{bar}\n!! OFFLINE MODE: {what}\n!! Stand-in models are tiny: a CLIP that sees coarse colour and light in any"
+          f" image\n!! and the course's drawn shapes, a GPT-2 that knows caption words, not the world.\n"
+          f"!! They teach the mechanics, not photos. With network, run without --offline.\n{bar}",
           file=sys.stderr, flush=True)
 
 
